@@ -1,0 +1,55 @@
+// Argument checks shared by the CPU and CUDA kernels of the zeroth-order (MeZO) ops.
+// Every tensor is checked before any is written, so a bad list never leaves a model half-updated.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace ftops {
+
+// At most this many seeds per zo_axpby_ call (the Python layer splits longer lists), so the
+// CUDA launch metadata has a fixed size and CPU and CUDA round identically.
+constexpr int64_t kMaxSeedsPerCall = 8;
+
+inline bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+inline void check_param(const at::Tensor& p, const char* op, const char* arg, size_t k,
+                        c10::DeviceType device_type) {
+  TORCH_CHECK(p.defined(), op, ": ", arg, "[", k, "] is undefined");
+  TORCH_CHECK(p.layout() == at::kStrided, op, ": ", arg, "[", k,
+              "] must be a dense (strided) tensor, got layout ", p.layout());
+  TORCH_CHECK(p.device().type() == device_type, op, ": ", arg, "[", k, "] is on ", p.device(),
+              " but the other tensors are on ", device_type);
+  TORCH_CHECK(is_supported_float(p.scalar_type()), op, ": ", arg, "[", k,
+              "] has dtype ", p.scalar_type(),
+              "; supported: float32, float64, float16, bfloat16");
+  TORCH_CHECK(p.is_contiguous(), op, ": ", arg, "[", k,
+              "] must be contiguous (got strides ", p.strides(), ")");
+}
+
+// params[k] += sum_s coeffs[s * K + k] * z(seeds[s], ids[k]) - decay[k] * params[k]
+inline void check_zo_axpby_args(at::TensorList params, at::IntArrayRef seeds, at::IntArrayRef ids,
+                                at::ArrayRef<double> coeffs, at::ArrayRef<double> decay,
+                                c10::DeviceType device_type) {
+  const char* op = "ftops.zo_axpby_";
+  const size_t K = params.size();
+  TORCH_CHECK(ids.size() == K, op, ": ids has ", ids.size(), " entries but params has ", K);
+  TORCH_CHECK(decay.size() == K, op, ": decay has ", decay.size(), " entries but params has ",
+              K);
+  TORCH_CHECK(!seeds.empty() && static_cast<int64_t>(seeds.size()) <= kMaxSeedsPerCall, op,
+              ": seeds must have 1 to ", kMaxSeedsPerCall, " entries, got ", seeds.size());
+  TORCH_CHECK(coeffs.size() == seeds.size() * K, op, ": coeffs must have len(seeds) * len(params) = ",
+              seeds.size() * K, " entries, got ", coeffs.size());
+  for (size_t k = 0; k < K; ++k) {
+    check_param(params[k], op, "params", k, device_type);
+    TORCH_CHECK(params[k].device() == params[0].device(), op, ": params[", k, "] is on ",
+                params[k].device(), " but params[0] is on ", params[0].device());
+    TORCH_CHECK(ids[k] >= 0 && ids[k] <= static_cast<int64_t>(UINT32_MAX), op, ": ids[", k,
+                "] = ", ids[k], " is outside [0, 2^32)");
+  }
+}
+
+}  // namespace ftops

@@ -1,0 +1,195 @@
+// CPU kernels of the zeroth-order ops: in-place multi-tensor perturbation/update with
+// counter-based noise, and the noise itself (for tests and ftops.mezo.noise_like).
+//
+// Noise is produced in blocks of 64 elements aligned to multiples of 64 of each tensor's own
+// element index, and every block (a tensor's tail too) runs the same instruction sequence, so
+// the value for an element never depends on threads or chunking. The block loops are written
+// for the auto-vectorizer (fixed trip counts, no branches); target_clones compiles them for
+// AVX-512, AVX2 and baseline x86-64 and picks one at load time. This file is compiled with
+// -ffp-contract=off so all clones (and the CUDA kernel) round identically.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../common/philox.h"
+#include "../common/zo_args.h"
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FTOPS_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define FTOPS_CLONES
+#endif
+
+namespace ftops {
+namespace {
+
+constexpr int64_t kGroups = 16;               // Philox evaluations per block
+constexpr int64_t kBlock = 4 * kGroups;       // elements per block
+
+// 64 normals for elements [64*b, 64*b + 64) of the tensor keyed by `key`.
+inline __attribute__((always_inline)) void block_normals(const NoiseKey& key, int64_t b,
+                                                         float* __restrict out) {
+  uint32_t w0[kGroups], w1[kGroups], w2[kGroups], w3[kGroups];
+  const uint64_t g0 = static_cast<uint64_t>(b) * kGroups;
+  for (int64_t j = 0; j < kGroups; ++j) {
+    noise_words(key, g0 + j, w0[j], w1[j], w2[j], w3[j]);
+  }
+  float n0[kGroups], n1[kGroups], n2[kGroups], n3[kGroups];
+  for (int64_t j = 0; j < kGroups; ++j) {
+    box_muller(w0[j], w1[j], n0[j], n1[j]);
+    box_muller(w2[j], w3[j], n2[j], n3[j]);
+  }
+  for (int64_t j = 0; j < kGroups; ++j) {
+    out[4 * j + 0] = n0[j];
+    out[4 * j + 1] = n1[j];
+    out[4 * j + 2] = n2[j];
+    out[4 * j + 3] = n3[j];
+  }
+}
+
+inline __attribute__((always_inline)) void block_words(const NoiseKey& key, int64_t b,
+                                                       uint32_t* __restrict out) {
+  const uint64_t g0 = static_cast<uint64_t>(b) * kGroups;
+  for (int64_t j = 0; j < kGroups; ++j) {
+    noise_words(key, g0 + j, out[4 * j], out[4 * j + 1], out[4 * j + 2], out[4 * j + 3]);
+  }
+}
+
+// Float noise for blocks [b0, b1) of one tensor into dst (dst[0] is element 64*b0).
+FTOPS_CLONES void fill_normals(NoiseKey key, int64_t b0, int64_t b1, int64_t numel, float* dst) {
+  alignas(64) float z[kBlock];
+  for (int64_t b = b0; b < b1; ++b) {
+    block_normals(key, b, z);
+    const int64_t start = b * kBlock;
+    const int64_t n = std::min<int64_t>(kBlock, numel - start);
+    std::copy(z, z + n, dst + (start - b0 * kBlock));
+  }
+}
+
+FTOPS_CLONES void fill_words(NoiseKey key, int64_t b0, int64_t b1, int64_t numel, int64_t* dst) {
+  alignas(64) uint32_t w[kBlock];
+  for (int64_t b = b0; b < b1; ++b) {
+    block_words(key, b, w);
+    const int64_t start = b * kBlock;
+    const int64_t n = std::min<int64_t>(kBlock, numel - start);
+    for (int64_t j = 0; j < n; ++j) dst[start - b0 * kBlock + j] = w[j];
+  }
+}
+
+// Sum over seeds of coeff_s * z_s for one block, accumulated in acc_t.
+template <typename acc_t>
+inline __attribute__((always_inline)) void block_noise_sum(const NoiseKey* keys,
+                                                           const acc_t* coeffs, int64_t n_seeds,
+                                                           int64_t b, acc_t* __restrict acc) {
+  alignas(64) float z[kBlock];
+  for (int64_t j = 0; j < kBlock; ++j) acc[j] = acc_t(0);
+  for (int64_t s = 0; s < n_seeds; ++s) {
+    block_normals(keys[s], b, z);
+    const acc_t c = coeffs[s];
+    for (int64_t j = 0; j < kBlock; ++j) acc[j] = acc[j] + c * static_cast<acc_t>(z[j]);
+  }
+}
+
+// p = p + (sum_s c_s z_s - d p), computed in acc_t (float32 for half types), rounded once.
+template <typename scalar_t, typename acc_t>
+FTOPS_CLONES void axpby_blocks(scalar_t* p, int64_t numel, const NoiseKey* keys,
+                               const acc_t* coeffs, int64_t n_seeds, acc_t d, int64_t b0,
+                               int64_t b1) {
+  alignas(64) acc_t acc[kBlock];
+  for (int64_t b = b0; b < b1; ++b) {
+    block_noise_sum<acc_t>(keys, coeffs, n_seeds, b, acc);
+    const int64_t start = b * kBlock;
+    const int64_t n = std::min<int64_t>(kBlock, numel - start);
+    scalar_t* q = p + start;
+    for (int64_t j = 0; j < n; ++j) {
+      const acc_t v = static_cast<acc_t>(q[j]);
+      q[j] = static_cast<scalar_t>(v + (acc[j] - d * v));
+    }
+  }
+}
+
+int64_t num_blocks(int64_t numel) { return (numel + kBlock - 1) / kBlock; }
+
+void zo_axpby_cpu(at::TensorList params, at::IntArrayRef seeds, at::IntArrayRef ids,
+                  at::ArrayRef<double> coeffs, at::ArrayRef<double> decay) {
+  check_zo_axpby_args(params, seeds, ids, coeffs, decay, c10::DeviceType::CPU);
+  const int64_t K = static_cast<int64_t>(params.size());
+  const int64_t S = static_cast<int64_t>(seeds.size());
+  if (K == 0) return;
+
+  // One parallel loop over the blocks of all tensors (the CPU's multi-tensor launch).
+  std::vector<int64_t> first_block(K + 1, 0);
+  for (int64_t k = 0; k < K; ++k) first_block[k + 1] = first_block[k] + num_blocks(params[k].numel());
+  std::vector<NoiseKey> keys(S * K);
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t k = 0; k < K; ++k)
+      keys[k * S + s] = make_noise_key(static_cast<uint64_t>(seeds[s]), static_cast<uint64_t>(ids[k]));
+  std::vector<float> coeffs_f(S * K);
+  std::vector<double> coeffs_d(S * K);
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t k = 0; k < K; ++k) {
+      coeffs_d[k * S + s] = coeffs[s * K + k];
+      coeffs_f[k * S + s] = static_cast<float>(coeffs[s * K + k]);
+    }
+
+  at::parallel_for(0, first_block[K], /*grain_size=*/32, [&](int64_t begin, int64_t end) {
+    int64_t k = std::upper_bound(first_block.begin(), first_block.end(), begin) - first_block.begin() - 1;
+    for (int64_t b = begin; b < end;) {
+      while (first_block[k + 1] <= b) ++k;  // also skips empty tensors
+      const int64_t stop = std::min(end, first_block[k + 1]);
+      const at::Tensor& p = params[k];
+      const int64_t lb0 = b - first_block[k], lb1 = stop - first_block[k];
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "zo_axpby_cpu", [&] {
+        if constexpr (std::is_same_v<scalar_t, double>) {
+          axpby_blocks<double, double>(p.data_ptr<double>(), p.numel(), &keys[k * S],
+                                       &coeffs_d[k * S], S, decay[k], lb0, lb1);
+        } else {
+          axpby_blocks<scalar_t, float>(p.data_ptr<scalar_t>(), p.numel(), &keys[k * S],
+                                        &coeffs_f[k * S], S, static_cast<float>(decay[k]), lb0,
+                                        lb1);
+        }
+      });
+      b = stop;
+    }
+  });
+}
+
+at::Tensor zo_noise_cpu(const at::Tensor& like, int64_t seed, int64_t index) {
+  TORCH_CHECK(index >= 0 && index <= static_cast<int64_t>(UINT32_MAX),
+              "ftops.zo_noise: index = ", index, " is outside [0, 2^32)");
+  at::Tensor out = at::empty(like.sizes(), like.options().dtype(at::kFloat).layout(at::kStrided)
+                                               .memory_format(at::MemoryFormat::Contiguous));
+  const NoiseKey key = make_noise_key(static_cast<uint64_t>(seed), static_cast<uint64_t>(index));
+  const int64_t numel = out.numel();
+  float* dst = out.data_ptr<float>();
+  at::parallel_for(0, num_blocks(numel), 32, [&](int64_t b0, int64_t b1) {
+    fill_normals(key, b0, b1, numel, dst + b0 * kBlock);
+  });
+  return out;
+}
+
+at::Tensor zo_noise_bits_cpu(const at::Tensor& like, int64_t seed, int64_t index) {
+  TORCH_CHECK(index >= 0 && index <= static_cast<int64_t>(UINT32_MAX),
+              "ftops.zo_noise_bits: index = ", index, " is outside [0, 2^32)");
+  at::Tensor out = at::empty({like.numel()}, like.options().dtype(at::kLong).layout(at::kStrided));
+  const NoiseKey key = make_noise_key(static_cast<uint64_t>(seed), static_cast<uint64_t>(index));
+  const int64_t numel = out.numel();
+  int64_t* dst = out.data_ptr<int64_t>();
+  at::parallel_for(0, num_blocks(numel), 32, [&](int64_t b0, int64_t b1) {
+    fill_words(key, b0, b1, numel, dst + b0 * kBlock);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ftops, CPU, m) {
+  m.impl("zo_axpby_", &zo_axpby_cpu);
+  m.impl("zo_noise", &zo_noise_cpu);
+  m.impl("zo_noise_bits", &zo_noise_bits_cpu);
+}
+
+}  // namespace ftops

@@ -1,0 +1,198 @@
+// CUDA kernels of the zeroth-order ops. Same math as cpu/zo.cpp (csrc/common/philox.h), built
+// with --fmad=false so every value matches the CPU kernel bit for bit.
+//
+// Multi-tensor launch: the tensors of one dtype are packed, up to kMaxTensors at a time, into a
+// by-value argument struct; one grid-stride kernel walks the Philox groups (4 elements each) of
+// all of them. A model with hundreds of parameters costs a handful of launches, not hundreds.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <map>
+#include <vector>
+
+#include "../common/philox.h"
+#include "../common/zo_args.h"
+
+namespace ftops {
+namespace {
+
+constexpr int kMaxTensors = 24;
+constexpr int kThreads = 256;
+
+struct ZoLaunch {
+  void* ptr[kMaxTensors];
+  int64_t numel[kMaxTensors];
+  int64_t first_group[kMaxTensors + 1];
+  uint32_t id[kMaxTensors];
+  double decay[kMaxTensors];
+  double coeff[kMaxSeedsPerCall][kMaxTensors];
+  uint64_t seed[kMaxSeedsPerCall];
+  int n_tensors;
+  int n_seeds;
+};
+
+template <typename T>
+struct alignas(4 * sizeof(T)) Vec4 {
+  T v[4];
+};
+
+template <typename scalar_t, typename acc_t>
+__global__ void zo_axpby_kernel(const ZoLaunch args) {
+  const int64_t total = args.first_group[args.n_tensors];
+  for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < total;
+       g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    int k = 0;
+    while (args.first_group[k + 1] <= g) ++k;
+    const int64_t lg = g - args.first_group[k];
+    acc_t acc[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+    for (int s = 0; s < args.n_seeds; ++s) {
+      const NoiseKey key = make_noise_key(args.seed[s], args.id[k]);
+      float z[4];
+      noise_normals(key, static_cast<uint64_t>(lg), z[0], z[1], z[2], z[3]);
+      const acc_t c = static_cast<acc_t>(args.coeff[s][k]);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[j] = acc[j] + c * static_cast<acc_t>(z[j]);
+    }
+    const acc_t d = static_cast<acc_t>(args.decay[k]);
+    scalar_t* p = static_cast<scalar_t*>(args.ptr[k]) + 4 * lg;
+    const int64_t n = args.numel[k] - 4 * lg;
+    if (n >= 4 && reinterpret_cast<uintptr_t>(p) % sizeof(Vec4<scalar_t>) == 0) {
+      Vec4<scalar_t> x = *reinterpret_cast<const Vec4<scalar_t>*>(p);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const acc_t v = static_cast<acc_t>(x.v[j]);
+        x.v[j] = static_cast<scalar_t>(v + (acc[j] - d * v));
+      }
+      *reinterpret_cast<Vec4<scalar_t>*>(p) = x;
+    } else {
+      for (int j = 0; j < 4 && j < n; ++j) {
+        const acc_t v = static_cast<acc_t>(p[j]);
+        p[j] = static_cast<scalar_t>(v + (acc[j] - d * v));
+      }
+    }
+  }
+}
+
+int grid_for(int64_t groups) {
+  static int sm_count = [] {
+    int dev = 0, sms = 0;
+    C10_CUDA_CHECK(cudaGetDevice(&dev));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    return sms;
+  }();
+  const int64_t wanted = (groups + kThreads - 1) / kThreads;
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(wanted, int64_t(sm_count) * 16)));
+}
+
+template <typename scalar_t, typename acc_t>
+void launch_axpby(const ZoLaunch& args) {
+  const int64_t groups = args.first_group[args.n_tensors];
+  if (groups == 0) return;
+  zo_axpby_kernel<scalar_t, acc_t><<<grid_for(groups), kThreads, 0,
+                                      c10::cuda::getCurrentCUDAStream()>>>(args);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void zo_axpby_cuda(at::TensorList params, at::IntArrayRef seeds, at::IntArrayRef ids,
+                   at::ArrayRef<double> coeffs, at::ArrayRef<double> decay) {
+  check_zo_axpby_args(params, seeds, ids, coeffs, decay, c10::DeviceType::CUDA);
+  const int64_t K = static_cast<int64_t>(params.size());
+  if (K == 0) return;
+  const c10::cuda::CUDAGuard guard(params[0].device());
+
+  // One launch per dtype per kMaxTensors tensors.
+  std::map<at::ScalarType, std::vector<int64_t>> by_dtype;
+  for (int64_t k = 0; k < K; ++k) {
+    if (params[k].numel() > 0) by_dtype[params[k].scalar_type()].push_back(k);
+  }
+  for (const auto& [dtype, members] : by_dtype) {
+    for (size_t start = 0; start < members.size(); start += kMaxTensors) {
+      ZoLaunch args{};
+      args.n_seeds = static_cast<int>(seeds.size());
+      for (size_t s = 0; s < seeds.size(); ++s) args.seed[s] = static_cast<uint64_t>(seeds[s]);
+      const size_t stop = std::min(members.size(), start + kMaxTensors);
+      args.n_tensors = static_cast<int>(stop - start);
+      args.first_group[0] = 0;
+      for (size_t j = 0; j < stop - start; ++j) {
+        const int64_t k = members[start + j];
+        args.ptr[j] = params[k].data_ptr();
+        args.numel[j] = params[k].numel();
+        args.first_group[j + 1] = args.first_group[j] + (params[k].numel() + 3) / 4;
+        args.id[j] = static_cast<uint32_t>(ids[k]);
+        args.decay[j] = decay[k];
+        for (size_t s = 0; s < seeds.size(); ++s) args.coeff[s][j] = coeffs[s * K + k];
+      }
+      switch (dtype) {
+        case at::kFloat: launch_axpby<float, float>(args); break;
+        case at::kDouble: launch_axpby<double, double>(args); break;
+        case at::kHalf: launch_axpby<at::Half, float>(args); break;
+        case at::kBFloat16: launch_axpby<at::BFloat16, float>(args); break;
+        default: TORCH_CHECK(false, "ftops.zo_axpby_: unsupported dtype ", dtype);
+      }
+    }
+  }
+}
+
+__global__ void zo_noise_kernel(NoiseKey key, int64_t numel, float* out) {
+  const int64_t groups = (numel + 3) / 4;
+  for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < groups;
+       g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    float z[4];
+    noise_normals(key, static_cast<uint64_t>(g), z[0], z[1], z[2], z[3]);
+    for (int j = 0; j < 4 && 4 * g + j < numel; ++j) out[4 * g + j] = z[j];
+  }
+}
+
+__global__ void zo_noise_bits_kernel(NoiseKey key, int64_t numel, int64_t* out) {
+  const int64_t groups = (numel + 3) / 4;
+  for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < groups;
+       g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    uint32_t w[4];
+    noise_words(key, static_cast<uint64_t>(g), w[0], w[1], w[2], w[3]);
+    for (int j = 0; j < 4 && 4 * g + j < numel; ++j) out[4 * g + j] = w[j];
+  }
+}
+
+at::Tensor zo_noise_cuda(const at::Tensor& like, int64_t seed, int64_t index) {
+  TORCH_CHECK(index >= 0 && index <= static_cast<int64_t>(UINT32_MAX),
+              "ftops.zo_noise: index = ", index, " is outside [0, 2^32)");
+  const c10::cuda::CUDAGuard guard(like.device());
+  at::Tensor out = at::empty(like.sizes(), like.options().dtype(at::kFloat).layout(at::kStrided)
+                                               .memory_format(at::MemoryFormat::Contiguous));
+  const int64_t groups = (out.numel() + 3) / 4;
+  if (groups > 0) {
+    zo_noise_kernel<<<grid_for(groups), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        make_noise_key(static_cast<uint64_t>(seed), static_cast<uint64_t>(index)), out.numel(),
+        out.data_ptr<float>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return out;
+}
+
+at::Tensor zo_noise_bits_cuda(const at::Tensor& like, int64_t seed, int64_t index) {
+  TORCH_CHECK(index >= 0 && index <= static_cast<int64_t>(UINT32_MAX),
+              "ftops.zo_noise_bits: index = ", index, " is outside [0, 2^32)");
+  const c10::cuda::CUDAGuard guard(like.device());
+  at::Tensor out = at::empty({like.numel()}, like.options().dtype(at::kLong).layout(at::kStrided));
+  const int64_t groups = (out.numel() + 3) / 4;
+  if (groups > 0) {
+    zo_noise_bits_kernel<<<grid_for(groups), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        make_noise_key(static_cast<uint64_t>(seed), static_cast<uint64_t>(index)), out.numel(),
+        out.data_ptr<int64_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ftops, CUDA, m) {
+  m.impl("zo_axpby_", &zo_axpby_cuda);
+  m.impl("zo_noise", &zo_noise_cuda);
+  m.impl("zo_noise_bits", &zo_noise_bits_cuda);
+}
+
+}  // namespace ftops

@@ -1,0 +1,88 @@
+"""Loads the compiled kernels (`_C.so`), registers fake implementations, and wraps each op.
+
+The ops themselves are declared in csrc/ops.cpp (``TORCH_LIBRARY(ftops, ...)``) and reachable as
+``torch.ops.ftops.<name>``; the wrappers here only give them typed signatures and docstrings.
+"""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _torch_minor(version: str) -> tuple[int, int]:
+    major, minor = version.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
+def _load_library() -> None:
+    lib = os.path.join(_HERE, "_C.so")
+    if not os.path.exists(lib):
+        raise ImportError(
+            f"ftops: the compiled kernels ({lib}) are missing. This looks like a source checkout: "
+            "install with `pip install --no-build-isolation .` (see README)."
+        )
+    from . import _build_info
+
+    built, running = _build_info.TORCH_VERSION, torch.__version__
+    if _torch_minor(built) != _torch_minor(running):
+        raise ImportError(
+            f"ftops was compiled against torch {built} but torch {running} is installed; the C++ "
+            "ABI differs between torch minor versions. Reinstall ftops against this torch: "
+            "`pip install --no-build-isolation --force-reinstall --no-deps ftops` (or from source)."
+        )
+    torch.ops.load_library(lib)
+
+
+_load_library()
+
+
+# --- fake (meta) implementations -----------------------------------------------------------------
+
+@torch.library.register_fake("ftops::zo_axpby_")
+def _(params, seeds, ids, coeffs, decay):
+    return None
+
+
+@torch.library.register_fake("ftops::zo_noise")
+def _(like, seed, index):
+    return torch.empty(like.shape, dtype=torch.float32, device=like.device)
+
+
+@torch.library.register_fake("ftops::zo_noise_bits")
+def _(like, seed, index):
+    return torch.empty((like.numel(),), dtype=torch.int64, device=like.device)
+
+
+# --- typed wrappers --------------------------------------------------------------------------------
+
+MAX_SEEDS_PER_CALL = 8  # csrc/common/zo_args.h: kMaxSeedsPerCall
+
+
+def zo_axpby_(
+    params: Sequence[torch.Tensor],
+    seeds: Sequence[int],
+    ids: Sequence[int],
+    coeffs: Sequence[float],
+    decay: Sequence[float],
+) -> None:
+    """In place, for every k: ``params[k] += sum_s coeffs[s*K + k] * z(seeds[s], ids[k]) - decay[k] * params[k]``.
+
+    ``z(seed, id)`` is the counter-based normal noise (see :func:`zo_noise`). All tensors must be
+    dense, contiguous, on one device, and float32/float64/float16/bfloat16; half types are
+    computed in float32 and rounded once. One pass over all tensors; at most 8 seeds per call.
+    """
+    torch.ops.ftops.zo_axpby_(list(params), list(seeds), list(ids), list(coeffs), list(decay))
+
+
+def zo_noise(like: torch.Tensor, seed: int, index: int) -> torch.Tensor:
+    """The float32 noise ``z(seed, index)`` shaped like ``like``, on its device."""
+    return torch.ops.ftops.zo_noise(like, seed, index)
+
+
+def zo_noise_bits(like: torch.Tensor, seed: int, index: int) -> torch.Tensor:
+    """The raw Philox uint32 words behind :func:`zo_noise`, flattened, as int64."""
+    return torch.ops.ftops.zo_noise_bits(like, seed, index)
