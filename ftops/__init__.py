@@ -1,7 +1,12 @@
-"""ftops: memory-efficient fine-tuning methods with C++/CUDA kernels for PyTorch."""
+"""ftops: memory-efficient fine-tuning methods with C++/CUDA kernels for PyTorch.
+
+Methods: :class:`MeZO` (zeroth-order SGD). Each method lives in its own module
+(``ftops.mezo``); the kernels are registered as ``torch.ops.ftops.*``.
+"""
 from . import _ops  # noqa: F401  (loads the kernels)
 from ._build import build_info
 from . import mezo
+from .mezo import MeZO
 
 __version__ = "0.1.0"
-__all__ = ["build_info", "mezo", "__version__"]
+__all__ = ["MeZO", "build_info", "mezo", "__version__"]

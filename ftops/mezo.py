@@ -1,9 +1,27 @@
-"""MeZO: zeroth-order SGD (Malladi et al. 2023) with in-place counter-based noise."""
+"""MeZO: zeroth-order SGD (Malladi et al. 2023) that fine-tunes with inference memory.
+
+Each step estimates the gradient along a random direction ``z`` from two forward passes,
+``g = (L(θ + εz) - L(θ - εz)) / (2ε)``, and moves ``θ -= lr * (g z + wd θ)``. The noise ``z`` is
+never stored: it is regenerated from a seed by the counter-based kernels (csrc/common/philox.h),
+and the perturbation, the restore and the update run in place over all parameters at once. The
+restore is fused with the update (or with the next sample's perturbation), so a step makes 3
+passes over the parameters where the reference makes 4.
+"""
 from __future__ import annotations
 
+import math
+import warnings
+from typing import Callable, Iterable, NamedTuple, Sequence
+
 import torch
+import torch.distributed as dist
 
 from . import _ops
+
+__all__ = ["MeZO", "MeZOStep", "noise_like", "replay"]
+
+_SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_SEED_RANGE = 2**63 - 1
 
 
 def noise_like(tensor: torch.Tensor, seed: int, index: int) -> torch.Tensor:
@@ -15,3 +33,318 @@ def noise_like(tensor: torch.Tensor, seed: int, index: int) -> torch.Tensor:
     function of ``(seed, index, element index)``: the same for any thread count and on CPU and CUDA.
     """
     return _ops.zo_noise(tensor, seed, index)
+
+
+class MeZOStep(NamedTuple):
+    """One applied MeZO update, enough to replay it (see :func:`replay`).
+
+    ``seeds`` and ``projected_grads`` have one entry per sample; ``lrs``, ``weight_decays`` and
+    ``eps`` one per parameter group. ``projected_grads[s] = (L+ - L-) / (2 * eps[0])``: with one
+    eps for all groups (the usual case) this is the paper's projected gradient.
+    """
+
+    seeds: tuple[int, ...]
+    projected_grads: tuple[float, ...]
+    lrs: tuple[float, ...]
+    weight_decays: tuple[float, ...]
+    eps: tuple[float, ...]
+
+
+def _apply_in_chunks(tensors, seeds, ids, coeffs_by_seed, decay):
+    """zo_axpby_ over any number of seeds: the kernel takes at most 8 per call, decay goes once."""
+    n = _ops.MAX_SEEDS_PER_CALL
+    for start in range(0, len(seeds), n):
+        chunk = range(start, min(start + n, len(seeds)))
+        coeffs = [c for s in chunk for c in coeffs_by_seed[s]]
+        _ops.zo_axpby_(tensors, [seeds[s] for s in chunk], ids, coeffs,
+                       decay if start == 0 else [0.0] * len(tensors))
+
+
+class _ParamSet:
+    """The trainable tensors of an optimizer, flattened, with their noise ids and group."""
+
+    def __init__(self, param_groups, selected=lambda p: p.requires_grad):
+        self.tensors, self.ids, self.group_of = [], [], []
+        index = 0
+        for g, group in enumerate(param_groups):
+            for p in group["params"]:
+                if selected(p):
+                    self.tensors.append(p)
+                    self.ids.append(index)
+                    self.group_of.append(g)
+                index += 1
+        self.by_device: dict[torch.device, list[int]] = {}
+        for k, p in enumerate(self.tensors):
+            self.by_device.setdefault(p.device, []).append(k)
+
+    def validate(self):
+        """Check every tensor before any is touched, so a bad one cannot leave others perturbed."""
+        for k, p in enumerate(self.tensors):
+            where = f"parameter {self.ids[k]} (shape {tuple(p.shape)})"
+            if p.layout != torch.strided:
+                raise ValueError(f"MeZO: {where} has layout {p.layout}; only dense tensors are supported")
+            if p.dtype not in _SUPPORTED_DTYPES:
+                raise ValueError(f"MeZO: {where} has dtype {p.dtype}; supported: float32, float64, float16, bfloat16")
+            if not p.is_contiguous():
+                raise ValueError(f"MeZO: {where} is not contiguous (strides {p.stride()})")
+
+    def axpby(self, seeds, coeff, decay=None):
+        """p += sum_s coeff(s, group) * z_s - decay(group) * p, for every tensor, one pass."""
+        for idx in self.by_device.values():
+            tensors = [self.tensors[k] for k in idx]
+            ids = [self.ids[k] for k in idx]
+            coeffs = [[coeff(s, self.group_of[k]) for k in idx] for s in range(len(seeds))]
+            dec = [decay(self.group_of[k]) if decay else 0.0 for k in idx]
+            _apply_in_chunks(tensors, list(seeds), ids, coeffs, dec)
+
+
+def _loss_value(loss) -> float:
+    if isinstance(loss, torch.Tensor):
+        if loss.numel() != 1:
+            raise ValueError(f"MeZO: the closure must return a scalar loss, got a tensor of shape {tuple(loss.shape)}")
+        return float(loss.detach().item())  # no cast: a float64 loss keeps its precision
+    try:
+        return float(loss)
+    except (TypeError, ValueError):
+        raise TypeError(f"MeZO: the closure must return a scalar tensor or a number, got {type(loss).__name__}") from None
+
+
+class MeZO(torch.optim.Optimizer):
+    r"""Zeroth-order SGD (MeZO, Malladi et al. 2023) with in-place, seed-regenerated noise.
+
+    Args:
+        params: parameters or parameter groups, as for any torch optimizer. Groups may set their
+            own ``lr``, ``eps`` and ``weight_decay`` (put biases and norms in a group with
+            ``weight_decay=0``, as with AdamW). Parameters with ``requires_grad=False`` are left
+            alone.
+        lr: learning rate (paper: 1e-6..1e-7 for full fine-tuning, 1e-4 for LoRA).
+        eps: perturbation scale ε (paper: 1e-3).
+        weight_decay: decoupled weight decay, ``θ -= lr * wd * θ`` each step.
+        n_samples: two-point estimates averaged per step, each with a fresh seed (n-SPSA).
+        seed: seed of the optimizer's own generator, which draws the per-step seeds. ``None``
+            draws one at random. Its state is in ``state_dict``, so a resumed run continues
+            bit-identically.
+        keep_log: keep :attr:`log` (one small :class:`MeZOStep` per applied step).
+
+    ``step(closure)`` needs a closure that runs the forward pass and returns the loss: a scalar
+    tensor or a number, of any objective (differentiable or not: accuracy, a reward...). It is
+    called ``2 * n_samples`` times per step under ``torch.no_grad()``; call ``model.eval()``
+    yourself if dropout should be off, as the reference does. The step returns the first loss at
+    ``θ + εz``, as the reference does.
+
+    Safety: if the closure raises, the parameters are restored before the exception propagates;
+    if a loss is NaN or infinite, the parameters are restored, the update is skipped, counted in
+    :attr:`skipped_steps` and warned about.
+
+    Data parallel: when ``torch.distributed`` is initialized, the generator state of rank 0 is
+    broadcast once (at the first step and after ``load_state_dict``), so all ranks draw the same
+    seeds; each rank evaluates its own batch and only the ``n_samples`` loss differences are
+    all-reduced (averaged) per step, so all ranks apply the same update and stay identical.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-6,
+        eps: float = 1e-3,
+        weight_decay: float = 0.0,
+        n_samples: int = 1,
+        seed: int | None = None,
+        keep_log: bool = True,
+    ):
+        if not (isinstance(lr, (int, float)) and lr >= 0):
+            raise ValueError(f"MeZO: lr must be a number >= 0, got {lr!r}")
+        if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
+            raise ValueError(f"MeZO: eps must be a finite number > 0, got {eps!r}")
+        if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
+            raise ValueError(f"MeZO: weight_decay must be a number >= 0, got {weight_decay!r}")
+        if not (isinstance(n_samples, int) and n_samples >= 1):
+            raise ValueError(f"MeZO: n_samples must be an int >= 1, got {n_samples!r}")
+        super().__init__(params, dict(lr=lr, eps=eps, weight_decay=weight_decay))
+        for i, group in enumerate(self.param_groups):
+            if not group["eps"] > 0:
+                raise ValueError(f"MeZO: param_groups[{i}]['eps'] must be > 0, got {group['eps']!r}")
+        self.n_samples = n_samples
+        self.keep_log = keep_log
+        self._generator = torch.Generator()
+        if seed is None:
+            self._generator.seed()
+        else:
+            self._generator.manual_seed(int(seed))
+        self.log: list[MeZOStep] = []
+        self.skipped_steps = 0
+        self._seeds_synced = False
+
+    # --- seeds ---------------------------------------------------------------------------------
+
+    def _sync_generator(self) -> None:
+        """Under torch.distributed, give every rank rank 0's generator state (once)."""
+        if self._seeds_synced or not (dist.is_available() and dist.is_initialized()):
+            return
+        state = self._generator.get_state()
+        device = self._comm_device()
+        buf = state.to(device)
+        dist.broadcast(buf, src=0)
+        self._generator.set_state(buf.cpu())
+        self._seeds_synced = True
+
+    def _comm_device(self) -> torch.device:
+        if dist.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def _draw_seeds(self) -> list[int]:
+        return torch.randint(0, _SEED_RANGE, (self.n_samples,), generator=self._generator).tolist()
+
+    # --- the step ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor | float]):  # type: ignore[override]
+        if closure is None:
+            raise TypeError("MeZO.step needs a closure that runs the forward pass and returns the loss")
+        params = _ParamSet(self.param_groups)
+        params.validate()
+        self._sync_generator()
+        seeds = self._draw_seeds()
+        groups = self.param_groups
+        eps = [float(g["eps"]) for g in groups]
+        n = len(seeds)
+
+        diffs: list[float] = []
+        first_loss = None
+        # `offset(g)` is where the parameters of group g are now, in units of z_current:
+        # θ + offset * z. Every exit path brings it back to 0.
+        current, offset = None, 0.0
+
+        def restore():
+            if current is not None and offset != 0.0:
+                off = offset
+                params.axpby([current], lambda s, g: -off * eps[g])
+
+        try:
+            for s in range(n):
+                if current is None:
+                    params.axpby([seeds[s]], lambda _, g: eps[g])
+                else:  # restore the previous sample and perturb with the next in one pass
+                    params.axpby([current, seeds[s]], lambda _, g: eps[g])
+                current, offset = seeds[s], 1.0
+                loss = closure()
+                if first_loss is None:
+                    first_loss = loss
+                loss_plus = _loss_value(loss)
+                params.axpby([current], lambda _, g: -2.0 * eps[g])
+                offset = -1.0
+                loss_minus = _loss_value(closure())
+                diffs.append(loss_plus - loss_minus)
+
+            if dist.is_available() and dist.is_initialized():
+                buf = torch.tensor(diffs, dtype=torch.float64, device=self._comm_device())
+                dist.all_reduce(buf)  # one message of n_samples scalars per step
+                diffs = (buf / dist.get_world_size()).tolist()
+        except BaseException:
+            restore()
+            raise
+
+        if not all(math.isfinite(d) for d in diffs):
+            restore()
+            self.skipped_steps += 1
+            warnings.warn(
+                f"MeZO: non-finite loss (L+ - L- = {diffs}); parameters restored and the update "
+                f"skipped ({self.skipped_steps} skipped so far)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return first_loss
+
+        # Restore the last sample and apply the update in one pass:
+        # θ_g += eps_g z_n - lr_g/n * sum_s diff_s/(2 eps_g) z_s - lr_g wd_g θ_g
+        lrs = [float(g["lr"]) for g in groups]
+        wds = [float(g["weight_decay"]) for g in groups]
+
+        # The parameters sit at θ - eps z_n, so the decay term -d θ = -d p - d eps z_n: the
+        # restore coefficient of z_n is eps (1 - d).
+        def coeff(s, g):
+            c = -lrs[g] / n * diffs[s] / (2.0 * eps[g])
+            return c + eps[g] * (1.0 - lrs[g] * wds[g]) if s == n - 1 else c
+
+        params.axpby(seeds, coeff, lambda g: lrs[g] * wds[g])
+        if self.keep_log:
+            self.log.append(MeZOStep(tuple(seeds), tuple(d / (2.0 * eps[0]) for d in diffs),
+                                     tuple(lrs), tuple(wds), tuple(eps)))
+        return first_loss
+
+    # --- checkpoints ---------------------------------------------------------------------------
+
+    def state_dict(self):
+        """The torch.optim state dict plus ``"mezo"``: the generator state, the skip count and
+        the log, all as tensors (``torch.load(weights_only=True)`` works)."""
+        sd = super().state_dict()
+        sd["mezo"] = {
+            "generator": self._generator.get_state(),
+            "skipped_steps": self.skipped_steps,
+            "n_samples": self.n_samples,
+            "log": _log_to_tensors(self.log),
+        }
+        return sd
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("mezo", None)
+        super().load_state_dict(state_dict)
+        if extra is not None:
+            self._generator.set_state(extra["generator"].to(torch.uint8).cpu())
+            self.skipped_steps = int(extra["skipped_steps"])
+            self.n_samples = int(extra["n_samples"])
+            self.log = _log_from_tensors(extra["log"])
+        self._seeds_synced = False
+
+
+def _log_to_tensors(log: Sequence[MeZOStep]) -> dict:
+    if not log:
+        return {}
+    return {
+        "seeds": torch.tensor([e.seeds for e in log], dtype=torch.int64),
+        "projected_grads": torch.tensor([e.projected_grads for e in log], dtype=torch.float64),
+        "lrs": torch.tensor([e.lrs for e in log], dtype=torch.float64),
+        "weight_decays": torch.tensor([e.weight_decays for e in log], dtype=torch.float64),
+        "eps": torch.tensor([e.eps for e in log], dtype=torch.float64),
+    }
+
+
+def _log_from_tensors(t: dict) -> list[MeZOStep]:
+    if not t:
+        return []
+    rows = zip(t["seeds"].tolist(), t["projected_grads"].tolist(), t["lrs"].tolist(),
+               t["weight_decays"].tolist(), t["eps"].tolist())
+    return [MeZOStep(tuple(a), tuple(b), tuple(c), tuple(d), tuple(e)) for a, b, c, d, e in rows]
+
+
+@torch.no_grad()
+def replay(params: Iterable, log: Sequence[MeZOStep] | dict) -> None:
+    """Reapply a MeZO fine-tune from its log to the base weights, in place.
+
+    ``params`` must be what the optimizer was built with (a list of tensors, or the same list
+    of parameter groups, in the same order), holding the base weights, with ``None`` in place of
+    any parameter that was frozen (``requires_grad=False``) during training; ``log`` is
+    ``optimizer.log`` (or the ``"log"`` entry of its state dict). The result matches the trained
+    model to within float rounding: training applied each update fused with the restore of the
+    perturbation, replay applies the update alone.
+    """
+    if isinstance(log, dict):
+        log = _log_from_tensors(log)
+    params = list(params)
+    if params and isinstance(params[0], dict):
+        groups = [{"params": list(g["params"])} for g in params]
+    else:
+        groups = [{"params": params}]
+    pset = _ParamSet(groups, selected=lambda p: p is not None)
+    pset.validate()
+    for i, entry in enumerate(log):
+        if len(entry.lrs) != len(groups):
+            raise ValueError(f"replay: log entry {i} has {len(entry.lrs)} parameter groups but "
+                             f"params has {len(groups)}")
+        n = len(entry.seeds)
+        scale = [entry.eps[0] / e for e in entry.eps]  # projected grads are relative to eps[0]
+        pset.axpby(entry.seeds,
+                   lambda s, g: -entry.lrs[g] / n * entry.projected_grads[s] * scale[g],
+                   lambda g: entry.lrs[g] * entry.weight_decays[g])

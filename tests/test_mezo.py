@@ -1,0 +1,384 @@
+"""ftops.MeZO against a plain-PyTorch MeZO fed the same noise, plus safety, resume, replay."""
+import io
+import math
+import os
+import socket
+import warnings
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import ftops
+from ftops import _ops
+from ftops.mezo import MeZO, noise_like, replay
+
+
+def least_squares(device, dtype=torch.float32, m=64, n=13, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(m, n, generator=g, dtype=torch.float64)
+    b = A @ torch.randn(n, generator=g, dtype=torch.float64) + 0.01 * torch.randn(m, generator=g, dtype=torch.float64)
+    return A.to(device, dtype), b.to(device, dtype)
+
+
+def make_params(device, dtype, shapes=((13,), (4, 7), (1,), (65,)), seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=g, dtype=torch.float64).to(device, dtype)) for s in shapes]
+
+
+def objective(params):
+    """Any smooth function of a list of tensors (computed in float64)."""
+    total = 0.0
+    for i, p in enumerate(params):
+        q = p.double()
+        total = total + ((q - 0.1 * (i + 1)) ** 2).sum() + 0.5 * torch.sin(q).sum()
+    return total
+
+
+def reference_mezo(params, groups, seeds_per_step, n_samples, closure_of):
+    """The paper's algorithm in float64 with noise_like as z: perturb, evaluate, restore, update.
+
+    groups: list of (indices, lr, eps, wd); indices are positions in params (= noise ids).
+    """
+    for seeds in seeds_per_step:
+        grads = []
+        for seed in seeds:
+            z = [noise_like(p, seed, k).double() for k, p in enumerate(params)]
+            eps_of = {k: eps for idx, _, eps, _ in groups for k in idx}
+            plus = [p + eps_of[k] * z[k] for k, p in enumerate(params)]
+            minus = [p - eps_of[k] * z[k] for k, p in enumerate(params)]
+            grads.append((float(closure_of(plus)) - float(closure_of(minus)), z))
+        new = list(params)
+        for idx, lr, eps, wd in groups:
+            for k in idx:
+                upd = sum(d / (2 * eps) * z[k] for d, z in grads) / n_samples
+                new[k] = params[k] - lr * (upd + wd * params[k])
+        params = new
+    return params
+
+
+@pytest.mark.parametrize("n_samples", [1, 3, 10])
+def test_matches_reference_float64(device, n_samples):
+    params = make_params(device, torch.float64)
+    base = [p.detach().clone() for p in params]
+    groups = [{"params": params[:2], "lr": 1e-2, "eps": 1e-3, "weight_decay": 0.1},
+              {"params": params[2:], "lr": 3e-2, "eps": 2e-3, "weight_decay": 0.0}]
+    opt = MeZO(groups, n_samples=n_samples, seed=7)
+    for _ in range(4):
+        opt.step(lambda: objective(params))
+    ref = reference_mezo(base, [([0, 1], 1e-2, 1e-3, 0.1), ([2, 3], 3e-2, 2e-3, 0.0)],
+                         [e.seeds for e in opt.log], n_samples, objective)
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p.detach(), r, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_low_precision_matches_emulation_bitwise(device, dtype):
+    """Half types: each pass computes in float32 and rounds once; emulate that exactly."""
+    params = make_params(device, dtype)
+    emu = [p.detach().clone() for p in params]
+    lr, eps = 1e-2, 1e-2
+    opt = MeZO(params, lr=lr, eps=eps, seed=3)
+    opt.step(lambda: objective(params))
+    seed = opt.log[0].seeds[0]
+    z = [noise_like(p, seed, k) for k, p in enumerate(emu)]
+
+    def axpy(ps, c):  # the kernel: v + (c z - 0 v) in float32, rounded once
+        return [(p.float() + (torch.tensor(c, dtype=torch.float32) * zk)).to(dtype) for p, zk in zip(ps, z)]
+
+    plus = axpy(emu, eps)
+    minus = axpy(plus, -2 * eps)
+    diff = float(objective(plus)) - float(objective(minus))
+    final = axpy(minus, -lr * diff / (2 * eps) + eps)
+    for p, f in zip(params, final):
+        assert torch.equal(p.detach(), f)
+
+
+def test_three_passes_per_step(monkeypatch):
+    calls = []
+    real = _ops.zo_axpby_
+    monkeypatch.setattr(_ops, "zo_axpby_", lambda *a: (calls.append(a[1]), real(*a)))
+    params = make_params("cpu", torch.float32)
+    for n in (1, 2, 4):
+        calls.clear()
+        MeZO(params, lr=1e-3, n_samples=n, seed=0).step(lambda: objective(params))
+        assert len(calls) == 2 * n + 1
+        assert len(calls[-1]) == n  # the last pass regenerates every sample's noise once
+
+
+def test_noise_like_is_the_added_noise(device):
+    params = make_params(device, torch.float32)
+    frozen = torch.nn.Parameter(torch.ones(5, device=device), requires_grad=False)
+    groups = [{"params": [params[0], frozen]}, {"params": params[1:]}]
+    base = [p.detach().clone() for p in params]
+    seen = []
+    opt = MeZO(groups, lr=0.0, eps=1e-2, seed=11)
+    opt.step(lambda: (seen.append([p.detach().clone() for p in params]), 0.0)[1])
+    seed = opt.log[0].seeds[0]
+    ids = [0, 2, 3, 4]  # positions over all groups; the frozen tensor keeps id 1
+    for p, b, plus, k in zip(params, base, seen[0], ids):
+        torch.testing.assert_close(plus, b + 1e-2 * noise_like(p, seed, k), rtol=0, atol=1e-6)
+    torch.testing.assert_close(frozen.detach(), torch.ones(5, device=device), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("cycles,max_ulps", [(1, 2), (50, 24)])
+def test_restore_at_lr_zero(device, dtype, cycles, max_ulps):
+    params = make_params(device, dtype, shapes=((4097,), (7, 9)))
+    base = [p.detach().clone() for p in params]
+    opt = MeZO(params, lr=0.0, eps=1e-3, seed=0)
+    for _ in range(cycles):
+        opt.step(lambda: objective(params))
+    for p, b in zip(params, base):
+        if dtype == torch.float64:
+            torch.testing.assert_close(p.detach(), b, rtol=0, atol=1e-13)
+        else:
+            # rounding only: a few ulp (of the perturbed value) per perturb/restore cycle, a
+            # random walk over many cycles
+            ulp = torch.finfo(dtype).eps * b.float().abs().clamp_min(1e-3 * 6)
+            drift = (p.detach().float() - b.float()).abs()
+            assert (drift <= max_ulps * ulp + torch.finfo(dtype).tiny).all(), (drift / ulp).max()
+
+
+def test_converges_least_squares(device):
+    A, b = least_squares(device)
+    w = torch.nn.Parameter(torch.zeros(A.shape[1], device=device))
+    start = float(((A @ w.detach() - b) ** 2).mean())
+    opt = MeZO([w], lr=2e-3, eps=1e-3, seed=0)
+    for _ in range(2000):
+        opt.step(lambda: ((A @ w - b) ** 2).mean())
+    end = float(((A @ w.detach() - b) ** 2).mean())
+    assert end < 0.01 * start
+
+
+def test_converges_classification(device):
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(256, 8, generator=g)
+    y = (X @ torch.randn(8, generator=g) > 0).long()
+    X, y = X.to(device), y.to(device)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2)).to(device)
+    opt = MeZO(model.parameters(), lr=5e-3, eps=1e-3, n_samples=2, seed=0)
+    loss_fn = torch.nn.CrossEntropyLoss()
+    with torch.no_grad():
+        start = float(loss_fn(model(X), y))
+    for _ in range(800):
+        opt.step(lambda: loss_fn(model(X), y))
+    acc = (model(X).argmax(1) == y).float().mean().item()
+    assert float(loss_fn(model(X), y)) < 0.6 * start
+    assert acc > 0.85
+
+
+def test_non_differentiable_objective():
+    """Any objective works: here the negative accuracy of a linear classifier."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(200, 5, generator=g)
+    y = (X @ torch.randn(5, generator=g) > 0).float()
+    w = torch.nn.Parameter(torch.zeros(5))
+    opt = MeZO([w], lr=1e-1, eps=5e-2, seed=1)
+    for _ in range(300):
+        opt.step(lambda: -((X @ w > 0).float() == y).float().mean())
+    assert ((X @ w > 0).float() == y).float().mean() > 0.8
+
+
+@pytest.mark.parametrize("fail_at", [1, 2, 3])
+def test_closure_exception_restores(device, fail_at):
+    params = make_params(device, torch.float64)
+    base = [p.detach().clone() for p in params]
+    opt = MeZO(params, lr=1e-1, n_samples=2, seed=0)
+    count = [0]
+
+    def closure():
+        count[0] += 1
+        if count[0] == fail_at:
+            raise KeyError("boom")
+        return objective(params)
+
+    with pytest.raises(KeyError):
+        opt.step(closure)
+    for p, b in zip(params, base):
+        torch.testing.assert_close(p.detach(), b, rtol=0, atol=1e-14)
+    assert opt.log == []
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_loss_skips(device, bad):
+    params = make_params(device, torch.float64)
+    base = [p.detach().clone() for p in params]
+    opt = MeZO(params, lr=1e-1, seed=0)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        opt.step(lambda: torch.tensor(bad))
+    assert opt.skipped_steps == 1 and opt.log == []
+    for p, b in zip(params, base):
+        torch.testing.assert_close(p.detach(), b, rtol=0, atol=1e-14)
+
+
+def test_non_scalar_loss_restores():
+    params = make_params("cpu", torch.float64)
+    base = [p.detach().clone() for p in params]
+    opt = MeZO(params, lr=1e-1, seed=0)
+    with pytest.raises(ValueError, match="scalar"):
+        opt.step(lambda: torch.ones(3))
+    for p, b in zip(params, base):
+        torch.testing.assert_close(p.detach(), b, rtol=0, atol=1e-14)
+
+
+def test_bad_arguments():
+    p = torch.nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match="lr"):
+        MeZO([p], lr=-1.0)
+    with pytest.raises(ValueError, match="eps"):
+        MeZO([p], eps=0.0)
+    with pytest.raises(ValueError, match="weight_decay"):
+        MeZO([p], weight_decay=-1.0)
+    with pytest.raises(ValueError, match="n_samples"):
+        MeZO([p], n_samples=0)
+    with pytest.raises(ValueError, match="eps"):
+        MeZO([{"params": [p], "eps": -1.0}])
+    with pytest.raises(TypeError, match="closure"):
+        MeZO([p]).step(None)
+
+
+@pytest.mark.parametrize("bad", ["noncontig", "complex", "sparse"])
+def test_bad_parameter_leaves_model_untouched(bad):
+    good = torch.nn.Parameter(torch.randn(10))
+    if bad == "noncontig":
+        other = torch.nn.Parameter(torch.randn(4, 6).t())
+    elif bad == "complex":
+        other = torch.nn.Parameter(torch.randn(6, dtype=torch.complex64))
+    else:
+        other = torch.nn.Parameter(torch.randn(4, 4).to_sparse())
+    before = good.detach().clone()
+    opt = MeZO([good, other], lr=1.0, seed=0)
+    with pytest.raises(ValueError, match="parameter 1"):
+        opt.step(lambda: 1.0)
+    assert torch.equal(good.detach(), before)
+
+
+def test_resume_is_bit_identical(tmp_path):
+    A, b = least_squares("cpu")
+    w1 = torch.nn.Parameter(torch.zeros(A.shape[1]))
+    opt1 = MeZO([w1], lr=1e-3, n_samples=2, seed=5)
+    closure1 = lambda: ((A @ w1 - b) ** 2).mean()  # noqa: E731
+    for _ in range(5):
+        opt1.step(closure1)
+    torch.save({"w": w1.detach().clone(), "opt": opt1.state_dict()}, tmp_path / "ckpt.pt")
+    for _ in range(5):
+        opt1.step(closure1)
+
+    ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    w2 = torch.nn.Parameter(ckpt["w"])
+    opt2 = MeZO([w2], lr=1e-3, n_samples=2, seed=999)  # a different seed: the checkpoint wins
+    opt2.load_state_dict(ckpt["opt"])
+    for _ in range(5):
+        opt2.step(lambda: ((A @ w2 - b) ** 2).mean())
+    assert torch.equal(w1.detach(), w2.detach())
+    assert opt1.log == opt2.log
+
+
+def test_lr_scheduler_and_log():
+    p = torch.nn.Parameter(torch.zeros(4))
+    opt = MeZO([p], lr=1.0, seed=0)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    for _ in range(5):
+        opt.step(lambda: (p - 1).pow(2).sum())
+        sched.step()
+    assert [e.lrs[0] for e in opt.log] == [1.0, 1.0, 0.5, 0.5, 0.25]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_replay(device, dtype):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 9), torch.nn.ReLU(), torch.nn.Linear(9, 1)).to(device, dtype)
+    base = [p.detach().clone() for p in model.parameters()]
+    X = torch.randn(32, 6, device=device, dtype=dtype)
+    y = torch.randn(32, 1, device=device, dtype=dtype)
+    groups = [{"params": [model[0].weight, model[2].weight], "weight_decay": 0.01},
+              {"params": [model[0].bias, model[2].bias], "weight_decay": 0.0}]
+    opt = MeZO(groups, lr=1e-2, n_samples=2, seed=0)
+    for _ in range(30):
+        opt.step(lambda: ((model(X) - y) ** 2).mean())
+    buf = io.BytesIO()
+    torch.save(opt.state_dict()["mezo"]["log"], buf)  # the whole fine-tune, in kilobytes
+    buf.seek(0)
+    log = torch.load(buf, weights_only=True)
+
+    copies = [b.clone() for b in base]
+    replay([{"params": copies[0::2]}, {"params": copies[1::2]}], log)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    for c, p in zip(copies, model.parameters()):
+        torch.testing.assert_close(c, p.detach(), rtol=tol, atol=tol)
+    # and it did move away from the base weights
+    assert any(not torch.equal(c, b) for c, b in zip(copies, base))
+
+
+def test_replay_checks_groups():
+    p = torch.nn.Parameter(torch.zeros(3))
+    q = torch.nn.Parameter(torch.zeros(3))
+    opt = MeZO([{"params": [p]}, {"params": [q]}], lr=0.1, seed=0)
+    opt.step(lambda: (p + q).sum())
+    with pytest.raises(ValueError, match="parameter groups"):
+        replay([torch.zeros(3), torch.zeros(3)], opt.log)
+
+
+def test_mixed_dtypes_in_one_optimizer(device):
+    a = torch.nn.Parameter(torch.randn(100, device=device, dtype=torch.bfloat16))
+    b = torch.nn.Parameter(torch.randn(7, device=device, dtype=torch.float32))
+    opt = MeZO([a, b], lr=1e-2, seed=0)
+    before = (a.detach().clone(), b.detach().clone())
+    opt.step(lambda: a.float().sum() + b.sum())
+    assert not torch.equal(a.detach(), before[0]) and not torch.equal(b.detach(), before[1])
+
+
+# --- data parallel --------------------------------------------------------------------------------
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, out_dir):
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    A, b = least_squares("cpu", m=64)
+    half = slice(rank * 32, (rank + 1) * 32)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(A.shape[1], 1)
+    opt = MeZO(model.parameters(), lr=1e-2, n_samples=2, seed=100 + rank)  # rank 0's seed wins
+    for _ in range(10):
+        opt.step(lambda: ((model(A[half]).squeeze(1) - b[half]) ** 2).mean())
+    torch.save([p.detach() for p in model.parameters()], os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_data_parallel_two_ranks(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0 = torch.load(tmp_path / "rank0.pt")
+    r1 = torch.load(tmp_path / "rank1.pt")
+    for a, b in zip(r0, r1):
+        assert torch.equal(a, b)  # ranks stay bit-identical
+
+    # one process on the whole batch with rank 0's seed takes the same steps
+    A, b = least_squares("cpu", m=64)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(A.shape[1], 1)
+    opt = MeZO(model.parameters(), lr=1e-2, n_samples=2, seed=100)
+    for _ in range(10):
+        opt.step(lambda: ((model(A).squeeze(1) - b) ** 2).mean())
+    for a, p in zip(r0, model.parameters()):
+        torch.testing.assert_close(a, p.detach(), rtol=1e-4, atol=1e-5)
+
+
+def test_replay_with_frozen_parameter():
+    a = torch.nn.Parameter(torch.randn(5))
+    frozen = torch.nn.Parameter(torch.randn(3), requires_grad=False)
+    c = torch.nn.Parameter(torch.randn(4))
+    base = [t.detach().clone() for t in (a, frozen, c)]
+    opt = MeZO([a, frozen, c], lr=1e-2, seed=0)
+    for _ in range(5):
+        opt.step(lambda: (a ** 2).sum() + (c ** 3).sum() + frozen.sum())
+    replay([base[0], None, base[2]], opt.log)
+    torch.testing.assert_close(base[0], a.detach(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(base[2], c.detach(), rtol=1e-6, atol=1e-6)
+    assert torch.equal(frozen.detach(), base[1])
