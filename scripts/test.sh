@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Sets up .venv and runs the test suite. Extra arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+# The pytest script (not `python -m pytest`) so the source tree's ftops/ (no _C.so) does not
+# shadow the installed package.
+exec .venv/bin/pytest -q "$@"
