@@ -20,4 +20,4 @@ echo "[setup] installing $TORCH and build tools"
 $PIP install -q "$TORCH" "scikit-build-core>=0.10" "cmake>=3.26" ninja pybind11 numpy
 echo "[setup] building ftops (FTOPS_CUDA=${FTOPS_CUDA:-AUTO})"
 $PIP install -q --no-build-isolation ".[test,bench]"
-.venv/bin/python -c "import ftops; print('[setup] ftops', ftops.__version__, ftops.build_info())"
+(cd / && "$OLDPWD/.venv/bin/python" -c "import ftops; print('[setup] ftops', ftops.__version__, ftops.build_info())")
