@@ -122,7 +122,7 @@ def randomized_basis(grad: torch.Tensor, rank: int, side: str, prev_left=None, p
         raise ValueError(f"side must be 'left', 'right' or 'full', got {side!r}")
     g = grad.float()
     A = g.t() if side == "right" else g
-    prev = prev_right.t() if side == "right" else prev_left
+    prev = (prev_right.t() if prev_right is not None else None) if side == "right" else prev_left
     a, b = A.shape
     r = min(rank, a, b)
     p = max(8, r // 2) if oversample is None else int(oversample)
