@@ -67,7 +67,7 @@ __all__ = ["GaLoreAdamW", "layerwise", "Layerwise", "svd_basis", "randomized_bas
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 PROJECTORS = ("svd", "randomized")
 _GROUP_DEFAULTS = dict(update_proj_gap=200, scale=1.0, proj_type="std", projector="svd",
-                       oversample=None, power_iters=3, warm_power_iters=2, seed=0)
+                       oversample=None, power_iters=4, warm_power_iters=2, seed=0)
 
 
 def _side(proj_type: str, shape: torch.Size) -> str:
@@ -100,7 +100,7 @@ def _orth(x: torch.Tensor) -> torch.Tensor:
 
 
 def randomized_basis(grad: torch.Tensor, rank: int, side: str, prev_left=None, prev_right=None, *,
-                     oversample: int | None = None, power_iters: int = 3, warm_power_iters: int = 2,
+                     oversample: int | None = None, power_iters: int = 4, warm_power_iters: int = 2,
                      generator: torch.Generator | None = None):
     """Top-``rank`` singular subspace(s) of ``grad`` by randomized subspace iteration, in float32.
 
@@ -194,7 +194,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
             ``update_proj_gap`` (default 200), ``scale`` (1.0), ``proj_type`` (``"std"``,
             ``"reverse_std"``, ``"left"``, ``"right"``, ``"full"``), and ftops's ``projector``
             (``"svd"``, default, or ``"randomized"``; for the latter ``oversample`` (default
-            ``max(8, rank // 2)``), ``power_iters`` (3, cold start), ``warm_power_iters`` (2)
+            ``max(8, rank // 2)``), ``power_iters`` (4, cold start), ``warm_power_iters`` (2)
             and ``seed`` (0)). Non-2-D parameters of a projected group get plain AdamW.
         lr, betas, eps, weight_decay, correct_bias: as galore_torch (HF ``AdamW``): eps is added
             to ``sqrt(v)`` before bias correction, ``step_size = lr * sqrt(bc2) / bc1``, and
