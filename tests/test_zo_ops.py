@@ -466,3 +466,11 @@ def test_axpby_cuda_matches_cpu(dtype_):
         assert int(u.max()) <= 2, f"params[{k}]: {int(u.max())} ulp apart; equal fraction {equal:.6f}"
         assert equal >= 0.99, f"params[{k}]: bit-identical fraction {equal:.6f}"
 
+
+def test_axpby_empty_list_still_checks_arguments():
+    with pytest.raises(RuntimeError, match="seeds"):
+        _ops.zo_axpby_([], [], [], [], [])
+    with pytest.raises(RuntimeError, match="seeds"):
+        _ops.zo_axpby_([], list(range(9)), [], [], [])
+    with pytest.raises(RuntimeError, match="ids"):
+        _ops.zo_axpby_([], [1], [0], [], [])
