@@ -2,7 +2,7 @@
 # One-shot check on a machine with a GPU: build from source against the installed torch, run
 # the whole test suite (the `device` fixture adds CUDA), run the benchmarks on CUDA, and print
 # a short summary last. Usage (repo root): bash bench/gpu_check.sh [bench/run.py options]
-# Logs and the benchmark JSON also go to $OUT (when set, else /tmp/ftops_gpu_check).
+# Logs (tests.log, bench.log) and the benchmark JSON also go to $OUT (when set, else /tmp/ftops_gpu_check).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
@@ -27,10 +27,12 @@ summary+=("build: rc=$rc in $(( $(date +%s) - start )) s")
 start=$(date +%s)
 for f in tests/test_*.py; do
   name=$(basename "$f" .py)
-  (cd /tmp && timeout 300 $PY -m pytest -v --no-header -p no:cacheprovider -x "$REPO/$f" > "$OUTDIR/$name.log" 2>&1)
+  log=/tmp/ftops_$name.log
+  (cd /tmp && timeout 300 $PY -m pytest -v --no-header -p no:cacheprovider "$REPO/$f" > "$log" 2>&1)
   rc=$?
-  line=$(grep -E '^=+ .*(passed|failed|error).* =+$' "$OUTDIR/$name.log" | tail -1)
-  [ -n "$line" ] || line="CRASHED (rc=$rc) at: $(grep -E '::' "$OUTDIR/$name.log" | tail -1 | cut -c1-150)"
+  cat "$log" >> "$OUTDIR/tests.log"  # one file: only a few files come back from $OUT
+  line=$(grep -E '^=+ .*(passed|failed|error).* =+$' "$log" | tail -1)
+  [ -n "$line" ] || line="CRASHED (rc=$rc) at: $(grep -E '::' "$log" | tail -1 | cut -c1-150)"
   summary+=("$name: $line")
   echo "$name: $line"
 done
