@@ -66,6 +66,9 @@ __all__ = ["GaLoreAdamW", "layerwise", "Layerwise", "svd_basis", "randomized_bas
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 PROJECTORS = ("svd", "randomized")
+# Projected gradients (and their directions) are batched into one fused call until they reach
+# this many elements, so the temporaries stay small next to the optimizer state.
+_FLUSH_NUMEL = 1 << 24
 _GROUP_DEFAULTS = dict(update_proj_gap=200, scale=1.0, proj_type="std", projector="svd",
                        oversample=None, power_iters=4, warm_power_iters=2, seed=0)
 
@@ -283,6 +286,32 @@ class GaLoreAdamW(torch.optim.Optimizer):
             # low-rank (projected) and plain parameters of this group
             lr_p, lr_g, lr_m, lr_v, lr_n, lr_steps, lr_pending = [], [], [], [], [], [], []
             pl_p, pl_g, pl_m, pl_v, pl_steps = [], [], [], [], []
+            pending_numel = 0
+
+            def flush():
+                """Projected parameters so far: fused moment update -> N, then one GEMM each."""
+                _adamw.fused_adam_direction(lr_g, lr_m, lr_v, lr_n, beta1=beta1, beta2=beta2,
+                                            eps=eps, step=lr_steps, bias_correction=False)
+                for p, N, s, (side, left, right, refreshed) in zip(lr_p, lr_n, lr_steps, lr_pending):
+                    state = self.state[p]
+                    if refreshed:
+                        if left is not None:
+                            state["proj_left"] = left
+                        if right is not None:
+                            state["proj_right"] = right
+                    state["step"] = s
+                    step_size = self._step_size(group, lr, beta1, beta2, s)
+                    decay = 1.0 - lr * wd
+                    alpha = -step_size * float(group["scale"]) * decay
+                    if side == "left":
+                        p.addmm_(left, N, beta=decay, alpha=alpha)
+                    elif side == "right":
+                        p.addmm_(N, right, beta=decay, alpha=alpha)
+                    else:
+                        p.addmm_(torch.mm(left, N), right, beta=decay, alpha=alpha)
+                for lst in (lr_p, lr_g, lr_m, lr_v, lr_n, lr_steps, lr_pending):
+                    lst.clear()
+
             for p in group["params"]:
                 index += 1
                 if p.grad is None:
@@ -326,6 +355,10 @@ class GaLoreAdamW(torch.optim.Optimizer):
                     lr_n.append(torch.empty_like(R))
                     lr_steps.append(state["step"] + 1)
                     lr_pending.append((side, left, right, pending is not None))
+                    pending_numel += R.numel()
+                    if pending_numel >= _FLUSH_NUMEL:  # bound the projected-gradient temporaries
+                        flush()
+                        pending_numel = 0
                 else:
                     if "exp_avg" not in state:
                         state["exp_avg"] = _adamw.zeros_moment(p)
@@ -336,26 +369,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
                     pl_v.append(state["exp_avg_sq"])
                     pl_steps.append(state["step"] + 1)
 
-            # Projected parameters: fused moment update -> N, then one GEMM into the weight.
-            _adamw.fused_adam_direction(lr_g, lr_m, lr_v, lr_n, beta1=beta1, beta2=beta2, eps=eps,
-                                        step=lr_steps, bias_correction=False)
-            for p, N, s, (side, left, right, refreshed) in zip(lr_p, lr_n, lr_steps, lr_pending):
-                state = self.state[p]
-                if refreshed:
-                    if left is not None:
-                        state["proj_left"] = left
-                    if right is not None:
-                        state["proj_right"] = right
-                state["step"] = s
-                step_size = self._step_size(group, lr, beta1, beta2, s)
-                decay = 1.0 - lr * wd
-                alpha = -step_size * float(group["scale"]) * decay
-                if side == "left":
-                    p.addmm_(left, N, beta=decay, alpha=alpha)
-                elif side == "right":
-                    p.addmm_(N, right, beta=decay, alpha=alpha)
-                else:
-                    p.addmm_(torch.mm(left, N), right, beta=decay, alpha=alpha)
+            flush()
 
             # Plain parameters: galore_torch's AdamW (eps before bias correction, decay after).
             buckets: dict[int, list[int]] = {}
