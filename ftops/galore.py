@@ -565,6 +565,7 @@ class Layerwise(torch.optim.Optimizer):
                     p.grad.zero_()
         self._pending.clear()
         self._micro = 0
+        self._in_backward = False  # (in case a backward pass raised before its end)
 
     def add_param_group(self, param_group: dict) -> None:
         if getattr(self, "_handles", None) is not None:
