@@ -9,7 +9,8 @@
    runs in its own process; reported: the first step (state allocation + projector refresh), the
    median steady step, and the peak memory of the steps above what model + gradients hold
    (CPU: VmHWM after resetting it through /proc/self/clear_refs once the model, the gradients and
-   the optimizer exist; CUDA: max_memory_allocated minus memory_allocated at that point).
+   the optimizer exist, with glibc's mmap threshold fixed at 64 KiB so freed buffers leave the
+   RSS at once; CUDA: max_memory_allocated minus memory_allocated at that point).
 2. Projector refresh of one gradient matrix: exact ``torch.linalg.svd`` in float32 (what
    galore_torch does; its cost does not depend on the rank, so it is timed once per shape) vs
    ftops's randomized range finder, cold (no previous basis) and warm (previous basis after a
@@ -182,7 +183,10 @@ def run_workers(args, cfg, steps, rank) -> list[dict]:
             continue
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--device", args.device,
                "--config", json.dumps(cfg), "--steps", str(steps), "--rank", str(rank)]
-        out = subprocess.run(cmd, capture_output=True, text=True)
+        # glibc: serve every allocation above 64 KiB by mmap, so freed temporaries go back to the
+        # OS at once and VmHWM tracks live memory (not what malloc keeps cached after a free)
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if out.returncode != 0:
             print(f"[galore] worker {name!r} failed:\n{out.stderr[-3000:]}")
             continue
