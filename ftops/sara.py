@@ -9,7 +9,8 @@ How ftops stores and trains it (per managed weight ``W`` of shape (m, n) or a co
 * ``indices``: the flat (row-major) positions of the trainable entries, sorted, int32 when
   ``W.numel() < 2**31`` (else int64).
 * ``values``: the trainable parameter (what the optimizer's ``param_groups`` hold), the *delta*
-  from the pretrained weight at those positions, zero at the start.
+  from the pretrained weight at those positions, zero at the start; float32 for float16/bfloat16
+  weights (a master copy: small updates of a half-precision delta would round away).
 * ``base``: the pretrained entries at those positions, ``W0.flatten()[indices]``.
 * ``W`` itself stays the module's live weight, frozen (``requires_grad=False``) and updated in
   place after every step: ``W.flatten()[indices] = base + values``. The forward pass therefore
@@ -63,7 +64,7 @@ import torch.nn.functional as F
 from . import _ops
 from ._adamw import fused_adamw, moment_dtype
 
-__all__ = ["SaRA", "load", "unwrap", "paper_lr", "sddmm"]
+__all__ = ["SaRA", "load", "unwrap", "paper_lr", "values_dtype", "nuclear_norm_grad", "sddmm"]
 
 sddmm = _ops.sddmm
 
@@ -188,16 +189,25 @@ class _Managed:
         self.select_threshold = select_threshold
         self.inclusive = inclusive  # fraction mode: |w| <= threshold stays selected
         self.frozen_indices = indices.new_empty((0,))  # entries dropped by reselection
-        self.frozen_values = base.new_empty((0,))
+        self.frozen_values = values.detach().new_empty((0,))
 
     @property
     def weight(self) -> torch.Tensor:
         return self.module.weight
 
     def apply_(self) -> None:
-        """W.flatten()[indices] = base + values, in place (W is contiguous)."""
+        """W.flatten()[indices] = base + values (summed in the values' dtype, rounded once to
+        W's dtype), in place (W is contiguous)."""
         with torch.no_grad():
-            self.weight.view(-1)[self.indices] = self.base + self.values.detach()
+            w = self.weight
+            w.view(-1)[self.indices] = (self.base + self.values.detach()).to(w.dtype)
+
+
+def values_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the trainable delta values for a weight dtype: float32 for float16/bfloat16
+    weights (a master copy of the delta, so that small updates are not lost to rounding), else the
+    weight dtype."""
+    return torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
 
 
 def _index_dtype(numel: int) -> torch.dtype:
@@ -356,7 +366,8 @@ class SaRA(torch.optim.Optimizer):
                 mod.weight.data = mod.weight.data.contiguous()
             w = mod.weight
             base = w.detach().reshape(-1)[idx].clone()
-            values = nn.Parameter(torch.zeros_like(base))
+            values = nn.Parameter(torch.zeros(base.shape, dtype=values_dtype(w.dtype),
+                                               device=base.device))
             kind = "linear" if isinstance(mod, nn.Linear) else "conv"
             mg = _Managed(mname + ".weight" if mname else "weight", mod, kind, idx, base, values,
                           bound, inclusive)
@@ -491,7 +502,8 @@ class SaRA(torch.optim.Optimizer):
         """The exact sparse update as a plain dict of tensors (safe for ``torch.save`` with
         ``weights_only`` loading, and for safetensors): for each managed weight ``name``,
         ``name + ".sara_indices"`` (sorted flat row-major indices, int32 or int64) and
-        ``name + ".sara_values"`` (the deltas, in the weight's dtype). Apply with :func:`load`."""
+        ``name + ".sara_values"`` (the deltas: the weight's dtype, float32 for float16/bfloat16
+        weights). Apply with :func:`load`."""
         self._check_open()
         out = {}
         for mg in self._managed:
@@ -549,7 +561,7 @@ class SaRA(torch.optim.Optimizer):
             mg.indices = e["indices"].to(dev, copy=True)
             mg.base = e["base"].to(device=dev, dtype=mg.weight.dtype, copy=True)
             mg.frozen_indices = e["frozen_indices"].to(dev, copy=True)
-            mg.frozen_values = e["frozen_values"].to(device=dev, dtype=mg.weight.dtype, copy=True)
+            mg.frozen_values = e["frozen_values"].to(device=dev, dtype=mg.values.dtype, copy=True)
             st = self.state[mg.values]
             md = moment_dtype(mg.values.dtype)
             for key in ("exp_avg", "exp_avg_sq"):  # torch casts floating state to the param dtype
@@ -611,8 +623,9 @@ def unwrap(model: nn.Module) -> nn.Module:
 def load(base_model: nn.Module, delta: dict[str, torch.Tensor]) -> nn.Module:
     """Apply a :meth:`SaRA.delta` to a freshly loaded pretrained model, in place, and return it.
 
-    For every weight in the delta, ``W.flatten()[indices] = W.flatten()[indices] + values``,
-    computed exactly as during training, so the result equals the fine-tuned model bit for bit.
+    For every weight in the delta, ``W.flatten()[indices] = W.flatten()[indices] + values``
+    (summed in the values' dtype, rounded once to W's dtype), computed exactly as during training,
+    so the result equals the fine-tuned model bit for bit.
     Everything is checked before any weight is written."""
     params = dict(base_model.named_parameters())
     plan = []
@@ -634,8 +647,9 @@ def load(base_model: nn.Module, delta: dict[str, torch.Tensor]) -> nn.Module:
         if val.shape != idx.shape:
             raise ValueError(f"ftops.sara.load: {vk} has shape {list(val.shape)} but {ik} has "
                              f"{list(idx.shape)}")
-        if val.dtype != w.dtype:
-            raise TypeError(f"ftops.sara.load: {vk} has dtype {val.dtype} but {name} is {w.dtype}")
+        if val.dtype != values_dtype(w.dtype):
+            raise TypeError(f"ftops.sara.load: {vk} has dtype {val.dtype} but the deltas of "
+                            f"{w.dtype} weight {name} are {values_dtype(w.dtype)}")
         if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= w.numel()):
             raise ValueError(f"ftops.sara.load: {ik} has entries outside [0, {w.numel()})")
         if not w.is_contiguous():
@@ -644,5 +658,5 @@ def load(base_model: nn.Module, delta: dict[str, torch.Tensor]) -> nn.Module:
     with torch.no_grad():
         for w, idx, val in plan:
             flat = w.view(-1)
-            flat[idx] = flat[idx] + val
+            flat[idx] = (flat[idx] + val).to(w.dtype)
     return base_model

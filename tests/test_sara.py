@@ -365,6 +365,7 @@ def test_delta_load_round_trip_bit_exact(device, dtype, tmp_path):
         m(x, img).float().pow(2).mean().backward()
         opt.step()
         opt.zero_grad()
+    assert all(p.dtype == sara_mod.values_dtype(dtype) for p in opt.param_groups[0]["params"])
     delta = opt.delta()
     assert all(isinstance(v, torch.Tensor) for v in delta.values())
     torch.save(delta, tmp_path / "d.pt")
