@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # One-shot check on a machine with a GPU: build from source against the installed torch, run
 # the whole test suite (the `device` fixture adds CUDA), run the benchmarks on CUDA, and print
-# a short summary last. Usage (repo root): bash bench/gpu_check.sh [--quick]
-# Output also goes to $OUT (when set) as gpu_check.log and the benchmark JSON.
+# a short summary last. Usage (repo root): bash bench/gpu_check.sh [bench/run.py options]
+# Logs (tests.log, bench.log) and the benchmark JSON also go to $OUT (when set, else /tmp/ftops_gpu_check).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+REPO=$(pwd)
 OUTDIR=${OUT:-/tmp/ftops_gpu_check}
 mkdir -p "$OUTDIR"
 PY=${PYTHON:-python3}
@@ -20,14 +21,25 @@ FTOPS_CUDA=ON FTOPS_CUDA_ARCHS=${FTOPS_CUDA_ARCHS:-90} CMAKE_BUILD_PARALLEL_LEVE
 rc=${PIPESTATUS[0]}
 summary+=("build: rc=$rc in $(( $(date +%s) - start )) s")
 [ "$rc" -eq 0 ] || { printf '%s\n' "${summary[@]}"; exit 1; }
-$PY -c "import ftops; print(ftops.build_info())"
+(cd /tmp && $PY -c "import ftops; print(ftops.build_info())")
+
+# One pytest process per file, verbose, so a crash in one file names its test and spares the rest.
+start=$(date +%s)
+for f in tests/test_*.py; do
+  name=$(basename "$f" .py)
+  log=/tmp/ftops_$name.log
+  (cd /tmp && timeout 300 $PY -m pytest -v --no-header -p no:cacheprovider "$REPO/$f" > "$log" 2>&1)
+  rc=$?
+  cat "$log" >> "$OUTDIR/tests.log"  # one file: only a few files come back from $OUT
+  line=$(grep -E '^=+ .*(passed|failed|error).* =+$' "$log" | tail -1)
+  [ -n "$line" ] || line="CRASHED (rc=$rc) at: $(grep -E '::' "$log" | tail -1 | cut -c1-150)"
+  summary+=("$name: $line")
+  echo "$name: $line"
+done
+summary+=("tests took $(( $(date +%s) - start )) s")
 
 start=$(date +%s)
-(cd /tmp && $PY -m pytest -q -x --no-header -p no:cacheprovider "$OLDPWD/tests" 2>&1) | tee "$OUTDIR/tests.log" | tail -25
-summary+=("tests: $(grep -E '[0-9]+ (passed|failed)' "$OUTDIR/tests.log" | tail -1) in $(( $(date +%s) - start )) s")
-
-start=$(date +%s)
-(cd bench && $PY run.py --device cuda "$@" 2>&1) | tee "$OUTDIR/bench.log" | tail -60
+(cd bench && $PY run.py --device cuda --timeout ${BENCH_TIMEOUT:-150} "$@" 2>&1) | tee "$OUTDIR/bench.log" | grep -vE '^\s*$' | tail -120
 cp bench/results/*.json "$OUTDIR"/ 2>/dev/null || true
 summary+=("bench: $(grep -E 'benchmarks run' "$OUTDIR/bench.log" | tail -1) in $(( $(date +%s) - start )) s")
 

@@ -19,6 +19,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="small sizes, a few minutes in all on 2 CPU cores")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--only", nargs="*", default=None, help="benchmark names, e.g. mezo")
+    ap.add_argument("--timeout", type=float, default=None, help="seconds allowed per benchmark")
     args = ap.parse_args()
 
     names = sorted(f[len("bench_"):-3] for f in os.listdir(HERE) if f.startswith("bench_") and f.endswith(".py"))
@@ -36,7 +37,11 @@ def main() -> int:
             cmd.append("--quick")
         print(f"\n=== {name}: {' '.join(cmd[1:])}", flush=True)
         start = time.perf_counter()
-        rc = subprocess.call(cmd, cwd=HERE)
+        try:
+            rc = subprocess.call(cmd, cwd=HERE, timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            print(f"=== {name}: stopped after {args.timeout:.0f} s (--timeout)", flush=True)
+            rc = "timeout"
         print(f"=== {name}: exit {rc} after {time.perf_counter() - start:.0f} s", flush=True)
         if rc != 0:
             failed.append(name)

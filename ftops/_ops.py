@@ -93,7 +93,28 @@ def zo_axpby_(
     dense, contiguous, on one device, and float32/float64/float16/bfloat16; half types are
     computed in float32 and rounded once. One pass over all tensors; at most 8 seeds per call.
     """
-    torch.ops.ftops.zo_axpby_(list(params), list(seeds), list(ids), list(coeffs), list(decay))
+    params, seeds, ids = list(params), list(seeds), list(ids)
+    coeffs, decay = list(coeffs), list(decay)
+    op = "ftops.zo_axpby_"
+    if not params:
+        # Nothing to update, but the dispatcher cannot pick a kernel for an empty tensor list:
+        # check the other arguments as the kernels would, then return.
+        for name, arg in (("ids", ids), ("decay", decay), ("coeffs", coeffs)):
+            if arg:
+                raise RuntimeError(f"{op}: {name} has {len(arg)} entries but params is empty")
+        if not 1 <= len(seeds) <= MAX_SEEDS_PER_CALL:
+            raise RuntimeError(
+                f"{op}: seeds must have 1 to {MAX_SEEDS_PER_CALL} entries, got {len(seeds)}"
+            )
+        return
+    # A sparse tensor would send the whole call to a Sparse dispatch key that has no kernel
+    # (NotImplementedError naming no argument): reject it here, before anything is written.
+    for k, p in enumerate(params):
+        if isinstance(p, torch.Tensor) and p.layout != torch.strided:
+            raise RuntimeError(
+                f"{op}: params[{k}] must be a dense (strided) tensor, got layout {p.layout}"
+            )
+    torch.ops.ftops.zo_axpby_(params, seeds, ids, coeffs, decay)
 
 
 def zo_noise(like: torch.Tensor, seed: int, index: int) -> torch.Tensor:
