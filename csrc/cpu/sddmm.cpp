@@ -3,14 +3,15 @@
 //
 // x is copied once, transposed, into an acc_t (float, or double for float64) buffer B (n, T), so
 // that each column of x is a contiguous row. Outputs are then processed by one at::parallel_for
-// in index order. Each task walks T in blocks of kTBlock; for the output's row r it gathers the
-// column dy[t0:t0+tb, r] into a small task-local buffer (once per run of outputs sharing the row:
-// SaRA's indices are sorted row-major, so runs are long), and computes the dot products with the
+// in index order. Each task walks T in blocks of kTBlock; for the output's row r it keeps the
+// columns dy[t0:t0+tb, r'] of r's group of kRowGroup rows transposed in a task-local buffer
+// (refilled when the row leaves the group: SaRA's indices are sorted row-major, so each group is
+// filled once per T block), and computes the dot products with the
 // B rows of the outputs' columns, 4 outputs at a time so the dy column is loaded once per 4 B rows.
 // The dots keep 2 x 4 independent SIMD accumulators (a fixed summation order, independent of the
 // thread count) and use fused multiply-adds where the CPU has them (explicit fma, so this does not
 // depend on -ffp-contract); the AVX-512 / AVX2+FMA / generic variant is chosen at run time.
-// Temporaries: B (n * T values) and kTBlock values per task; dy is never copied.
+// Temporaries: B (n * T values) and kRowGroup * kTBlock values per task; dy is never copied whole.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -92,37 +93,51 @@ inline __attribute__((always_inline)) void dot4(const acc_t* __restrict a,
 
 constexpr int64_t kTBlock = 512;  // rows of T per block inside a task (B block stays in L2)
 
-// Outputs k0..k1 (exclusive) of one task. abuf holds kTBlock values.
+constexpr int64_t kRowGroup = 16;  // dy columns transposed together into the task buffer
+
+// Outputs k0..k1 (exclusive) of one task. abuf holds kRowGroup * kTBlock values: the columns
+// dy[t0:t0+tb, g*kRowGroup : (g+1)*kRowGroup] of the current row group g, transposed in
+// kRowGroup x kRowGroup blocks (each source cache line is read once per group, each destination
+// row written in contiguous runs), refilled when the outputs' row leaves the group.
 template <typename scalar_t, typename acc_t, typename idx_t, int L, bool kFma>
 inline __attribute__((always_inline)) void range_body(const scalar_t* dy, int64_t s0, int64_t s1,
-                                                      const acc_t* B, int64_t T,
-                                                      const idx_t* rows, const idx_t* cols,
-                                                      int64_t k0, int64_t k1, acc_t* out,
-                                                      acc_t* abuf) {
+                                                      int64_t m, int64_t G, const acc_t* B,
+                                                      int64_t T, const idx_t* rows,
+                                                      const idx_t* cols, int64_t k0, int64_t k1,
+                                                      acc_t* out, acc_t* abuf) {
   for (int64_t k = k0; k < k1; ++k) out[k] = acc_t(0);
   for (int64_t t0 = 0; t0 < T; t0 += kTBlock) {
     const int64_t tb = std::min(kTBlock, T - t0);
     const scalar_t* dyb = dy + t0 * s0;
     const acc_t* Bb = B + t0;
-    int64_t cur = -1;
+    int64_t cur_group = -1;
     int64_t k = k0;
     while (k < k1) {
       const idx_t r = rows[k];
-      if (static_cast<int64_t>(r) != cur) {
-        const scalar_t* col = dyb + static_cast<int64_t>(r) * s1;
-        for (int64_t t = 0; t < tb; ++t) abuf[t] = static_cast<acc_t>(col[t * s0]);
-        cur = r;
+      const int64_t g = static_cast<int64_t>(r) / G;
+      if (g != cur_group) {
+        const int64_t rb = g * G, re = std::min(m, rb + G);
+        for (int64_t tt = 0; tt < tb; tt += kRowGroup) {
+          const int64_t te = std::min(tb, tt + kRowGroup);
+          for (int64_t rr = rb; rr < re; ++rr) {
+            acc_t* drow = abuf + (rr - rb) * tb;
+            const scalar_t* scol = dyb + rr * s1;
+            for (int64_t t = tt; t < te; ++t) drow[t] = static_cast<acc_t>(scol[t * s0]);
+          }
+        }
+        cur_group = g;
       }
+      const acc_t* a = abuf + (static_cast<int64_t>(r) - g * G) * tb;
       if (k + 4 <= k1 && rows[k + 1] == r && rows[k + 2] == r && rows[k + 3] == r) {
         acc_t res[4];
-        dot4<acc_t, L, kFma>(abuf, Bb + static_cast<int64_t>(cols[k]) * T,
+        dot4<acc_t, L, kFma>(a, Bb + static_cast<int64_t>(cols[k]) * T,
                              Bb + static_cast<int64_t>(cols[k + 1]) * T,
                              Bb + static_cast<int64_t>(cols[k + 2]) * T,
                              Bb + static_cast<int64_t>(cols[k + 3]) * T, tb, res);
         for (int j = 0; j < 4; ++j) out[k + j] = out[k + j] + res[j];
         k += 4;
       } else {
-        out[k] = out[k] + dot1<acc_t, L, kFma>(abuf, Bb + static_cast<int64_t>(cols[k]) * T, tb);
+        out[k] = out[k] + dot1<acc_t, L, kFma>(a, Bb + static_cast<int64_t>(cols[k]) * T, tb);
         k += 1;
       }
     }
@@ -139,11 +154,11 @@ constexpr int kLanesGeneric = 32 / sizeof(acc_t);
 
 #define FTOPS_SDDMM_VARIANT(NAME, ATTR, LANES, FMA)                                            \
   template <typename scalar_t, typename acc_t, typename idx_t>                                   \
-  ATTR void range_##NAME(const scalar_t* dy, int64_t s0, int64_t s1, const acc_t* B, int64_t T,  \
-                         const idx_t* rows, const idx_t* cols, int64_t k0, int64_t k1,           \
-                         acc_t* out, acc_t* abuf) {                                              \
-    range_body<scalar_t, acc_t, idx_t, LANES<acc_t>, FMA>(dy, s0, s1, B, T, rows, cols, k0, k1,  \
-                                                          out, abuf);                            \
+  ATTR void range_##NAME(const scalar_t* dy, int64_t s0, int64_t s1, int64_t m, int64_t G,       \
+                         const acc_t* B, int64_t T, const idx_t* rows, const idx_t* cols,        \
+                         int64_t k0, int64_t k1, acc_t* out, acc_t* abuf) {                      \
+    range_body<scalar_t, acc_t, idx_t, LANES<acc_t>, FMA>(dy, s0, s1, m, G, B, T, rows, cols,    \
+                                                          k0, k1, out, abuf);                    \
   }
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -218,7 +233,9 @@ at::Tensor sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
     // Bounds, serially (O(nnz), small next to the O(nnz * T) dots; an exception must not be
     // thrown from inside a parallel region).
     index_t rmin = rp[0], rmax = rp[0], cmin = cp[0], cmax = cp[0];
+    bool rows_sorted = true;
     for (int64_t k = 1; k < nnz; ++k) {
+      rows_sorted = rows_sorted && rp[k] >= rp[k - 1];
       rmin = std::min(rmin, rp[k]);
       rmax = std::max(rmax, rp[k]);
       cmin = std::min(cmin, cp[k]);
@@ -237,21 +254,23 @@ at::Tensor sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
       transpose_x<scalar_t, acc_t>(x, Bp);
       // Grain: about 2^16 multiply-adds per task.
       const int64_t grain = std::max<int64_t>(16, (int64_t(1) << 16) / T);
+      // Row groups pay off when rows come in order; otherwise each output gathers its own column.
+      const int64_t G = rows_sorted ? kRowGroup : 1;
       at::parallel_for(0, nnz, grain, [&](int64_t k0, int64_t k1) {
-        std::vector<acc_t> abuf(static_cast<size_t>(std::min(T, kTBlock)));
+        std::vector<acc_t> abuf(static_cast<size_t>(G * std::min(T, kTBlock)));
         switch (isa) {
 #ifdef FTOPS_X86_DISPATCH
           case Isa::kAvx512:
-            range_avx512<scalar_t, acc_t, index_t>(dyp, s0, s1, Bp, T, rp, cp, k0, k1, op,
+            range_avx512<scalar_t, acc_t, index_t>(dyp, s0, s1, m, G, Bp, T, rp, cp, k0, k1, op,
                                                    abuf.data());
             break;
           case Isa::kAvx2:
-            range_avx2<scalar_t, acc_t, index_t>(dyp, s0, s1, Bp, T, rp, cp, k0, k1, op,
+            range_avx2<scalar_t, acc_t, index_t>(dyp, s0, s1, m, G, Bp, T, rp, cp, k0, k1, op,
                                                  abuf.data());
             break;
 #endif
           default:
-            range_generic<scalar_t, acc_t, index_t>(dyp, s0, s1, Bp, T, rp, cp, k0, k1, op,
+            range_generic<scalar_t, acc_t, index_t>(dyp, s0, s1, m, G, Bp, T, rp, cp, k0, k1, op,
                                                     abuf.data());
         }
       });
