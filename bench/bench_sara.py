@@ -8,8 +8,10 @@ What is measured (issue 5, section 4):
   four methods, each in its own fresh subprocess:
 
   - ``full``: every parameter trainable, ``torch.optim.AdamW``.
-  - ``lora``: ``peft`` LoRA on q/k/v/o/gate/up/down (dropout 0), rank chosen so that the trainable
-    count is about ftops SaRA's; ``torch.optim.AdamW`` on the adapters.
+  - ``lora``: ``peft`` LoRA on q/k/v/o/gate/up/down (dropout 0, its leanest setting: the targets
+    are checked against this one), rank chosen so that the trainable count is about ftops SaRA's;
+    ``torch.optim.AdamW`` on the adapters. ``lora_do0.05``: the same with lora_dropout 0.05, a
+    common recipe setting (each adapter then keeps its own dropped copy of its input), for context.
   - ``ref_sara``: the reference implementation's scheme (sjtuplayer/SaRA, design.md section 4):
     per-weight boolean mask + 1-D trainable values, the weight rebuilt as
     ``W0 + scatter(values)`` in the forward (and again in the backward), the *dense* weight
@@ -26,6 +28,11 @@ What is measured (issue 5, section 4):
   /proc/self/clear_refs``) after one warm-up step, so the number is the steady-state step peak
   (including optimizer state, which exists by then). CUDA: ``max_memory_allocated`` over the
   measured steps (stats reset after warm-up) minus ``memory_allocated`` with the model built.
+  On CPU the workers run with ``MALLOC_MMAP_THRESHOLD_=131072``: glibc's default threshold is
+  dynamic (it rises to the size of the largest freed block, after which freed tensors stay in the
+  heap and keep counting in RSS), which makes RSS depend on each method's allocation history
+  rather than on its live tensors; with a fixed threshold every tensor above 128 KiB is returned
+  to the system when freed. ``--malloc-default`` measures with glibc's default instead.
   Time: median wall time of ``--steps`` steps (forward, backward, ``step``, ``zero_grad``) after
   the warm-up; CUDA synchronizes around each step.
 * SDDMM vs the dense weight-gradient GEMM ``dY^T X`` at 1%, 10%, 20% density, on the model's
@@ -59,6 +66,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 THRESHOLD = 2e-3
 LAMBDA_RANK = 5e-4
+MMAP_THRESHOLD = 128 * 1024  # CPU workers: glibc mmap threshold, fixed (see the docstring)
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # hidden, intermediate, layers, heads, vocab, batch, seq
@@ -200,11 +208,12 @@ def worker(method: str, cfg, device: str, steps: int, threads: int = 0) -> dict:
     rank_term = None
     if method == "full":
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
-    elif method == "lora":
+    elif method in ("lora", "lora_do0.05"):
         from peft import LoraConfig, get_peft_model
 
         r = lora_rank_for(model, sara_count(model, THRESHOLD))
-        model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0,
+        dropout = 0.0 if method == "lora" else 0.05
+        model = get_peft_model(model, LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=dropout,
                                                  target_modules=list(TARGETS)))
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     elif method == "ref_sara":
@@ -307,6 +316,9 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--threads", type=int, default=0,
                     help="CPU threads (torch.set_num_threads) in every measurement; 0: torch's default")
+    ap.add_argument("--malloc-default", action="store_true",
+                    help="CPU: keep glibc's dynamic mmap threshold in the workers (RSS then also "
+                         "counts freed memory the allocator keeps)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--config", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -329,11 +341,17 @@ def main() -> int:
           f"intermediate {inter}, layers {layers}, vocab {vocab}, batch {batch} x seq {seq}; "
           f"threshold {THRESHOLD}, lambda_rank {LAMBDA_RANK}", flush=True)
     results = {}
-    for method in ("full", "lora", "ref_sara", "ftops_sara"):
+    methods = ["full", "lora", "ref_sara", "ftops_sara"]
+    if not args.quick:
+        methods.insert(2, "lora_do0.05")
+    for method in methods:
         cmd = [sys.executable, __file__, "--device", args.device, "--worker", method,
                "--config", cfg_name, "--steps", str(steps), "--threads", str(args.threads)]
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        env = dict(os.environ)
+        if args.device == "cpu" and not args.malloc_default:
+            env.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             print(f"{method}: worker failed\n{proc.stderr[-3000:]}", file=sys.stderr)
             return 1
@@ -372,6 +390,8 @@ def main() -> int:
     print("\nTargets:", ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in checks.items()))
 
     out = {"device": args.device, "config": cfg_name, "threads": torch.get_num_threads(),
+           "malloc_mmap_threshold": None if (args.device != "cpu" or args.malloc_default)
+           else os.environ.get("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD)),
            "torch": torch.__version__, "threshold": THRESHOLD, "lambda_rank": LAMBDA_RANK,
            "train_step": results, "sddmm": sd, "targets": checks}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
