@@ -499,3 +499,44 @@ def test_lr_scheduler_works():
     opt.step()
     sched.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(5e-3)
+
+
+@pytest.mark.parametrize("kind", ["conv1d_same", "conv2d_reflect_stride", "conv3d_valid",
+                                  "conv2d_unbatched_groups"])
+def test_conv_variants_grads(device, kind):
+    torch.manual_seed(0)
+    if kind == "conv1d_same":
+        conv, x = nn.Conv1d(4, 6, 4, padding="same", dilation=2), torch.randn(2, 4, 11)
+    elif kind == "conv2d_reflect_stride":
+        conv = nn.Conv2d(3, 5, 3, stride=2, padding=1, padding_mode="reflect")
+        x = torch.randn(2, 3, 7, 6)
+    elif kind == "conv3d_valid":
+        conv, x = nn.Conv3d(2, 3, 2, padding="valid"), torch.randn(1, 2, 4, 3, 5)
+    else:
+        conv, x = nn.Conv2d(4, 6, 3, groups=2, padding=1), torch.randn(4, 5, 5)
+    conv = conv.to(device=device, dtype=torch.float64)
+    x = x.to(device=device, dtype=torch.float64)
+    ref = copy.deepcopy(conv)
+    opt = ftops.SaRA(conv, fraction=0.4, lr=1e-3, lambda_rank=0)
+    xa, xr = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    ya, yr = conv(xa), ref(xr)
+    torch.testing.assert_close(ya, yr, rtol=1e-12, atol=1e-12)
+    (ya.sin().sum()).backward()
+    (yr.sin().sum()).backward()
+    torch.testing.assert_close(xa.grad, xr.grad, rtol=1e-12, atol=1e-12)
+    idx = opt.indices()["weight"].long()
+    torch.testing.assert_close(opt.param_groups[0]["params"][0].grad,
+                               ref.weight.grad.reshape(-1)[idx], rtol=1e-10, atol=1e-12)
+
+
+def test_gradient_accumulation(device):
+    m = _model(device, torch.float64)
+    opt = ftops.SaRA(m, fraction=0.2, lr=1e-3, lambda_rank=0)
+    x1, x2 = _batch(device, torch.float64, seed=1), _batch(device, torch.float64, seed=2)
+    (m(x1) ** 2).sum().backward()
+    (m(x2) ** 2).sum().backward()
+    acc = [p.grad.clone() for p in opt.param_groups[0]["params"]]
+    opt.zero_grad()
+    (m(torch.cat([x1, x2])) ** 2).sum().backward()
+    for a, p in zip(acc, opt.param_groups[0]["params"]):
+        torch.testing.assert_close(a, p.grad, rtol=1e-10, atol=1e-12)
