@@ -267,7 +267,7 @@ class SaRA(torch.optim.Optimizer):
             paper). Also the bound for progressive reselection, and the input of the lr rule.
         fraction: instead of the threshold, the smallest ``fraction`` of each weight's entries by
             magnitude, in (0, 1] (reselection then keeps ``|w|`` at most the largest selected
-            magnitude of that weight).
+            magnitude of that weight); ``threshold`` then only feeds the ``lr=None`` rule.
         lr: learning rate; ``None`` uses the paper's rule ``1e-3 * exp(-350 * threshold)``.
         lambda_rank: weight of the nuclear-norm penalty on one random eligible delta matrix per
             step (0 disables it).
@@ -295,7 +295,8 @@ class SaRA(torch.optim.Optimizer):
         if not isinstance(model, nn.Module):
             raise TypeError(f"ftops.SaRA: model must be an nn.Module, got {type(model).__name__}")
         if fraction is not None:
-            if not isinstance(fraction, (int, float)) or not (0.0 < fraction <= 1.0):
+            if (not isinstance(fraction, (int, float)) or isinstance(fraction, bool)
+                    or not (0.0 < fraction <= 1.0)):
                 raise ValueError(f"ftops.SaRA: fraction must be in (0, 1], got {fraction!r}")
         if threshold is not None or fraction is None:
             if (not isinstance(threshold, (int, float)) or isinstance(threshold, bool)

@@ -432,7 +432,7 @@ def test_errors():
     for bad in (0.0, -1.0, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="threshold"):
             ftops.SaRA(_model("cpu"), threshold=bad)
-    for bad in (0.0, 1.5, -0.1):
+    for bad in (0.0, 1.5, -0.1, True, float("nan")):
         with pytest.raises(ValueError, match="fraction"):
             ftops.SaRA(_model("cpu"), fraction=bad)
     with pytest.raises(ValueError, match="no eligible layers"):
