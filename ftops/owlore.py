@@ -324,7 +324,7 @@ class OwLore:
         seed: seed of the sampler's own ``torch.Generator`` (the global RNG is not used).
         optimizer: optional; anything with a ``state`` mapping keyed by parameter (every
             ``torch.optim.Optimizer``, ``ftops.GaLoreAdamW``), or a list of such (e.g. per-parameter
-            optimizers). When given, at each draw the gradients of the deactivated blocks'
+            optimizers, or a dict whose values are optimizers). When given, at each draw the gradients of the deactivated blocks'
             parameters are set to None (so that no optimizer updates a frozen block from a stale
             gradient), and their optimizer state is deleted (``del optimizer.state[p]``) unless
             ``keep_state=True``.
@@ -332,7 +332,8 @@ class OwLore:
             grows with the number of distinct blocks ever sampled, up to full-model Adam state).
 
     Gradients of deactivated parameters are set to None at every draw also without
-    ``optimizer=``.
+    ``optimizer=``. As in LISA, every parameter of a sampled block becomes trainable, including
+    one the user had frozen inside a block.
     """
 
     def __init__(self, blocks: Sequence[nn.Module], ratios: Sequence[float] | torch.Tensor | None = None,
@@ -366,6 +367,8 @@ class OwLore:
             self._optimizers = []
         elif hasattr(optimizer, "state"):
             self._optimizers = [optimizer]
+        elif isinstance(optimizer, Mapping):  # e.g. {param: its own optimizer}
+            self._optimizers = list(optimizer.values())
         else:
             try:
                 self._optimizers = list(optimizer)

@@ -389,6 +389,16 @@ def test_optimizer_list_and_state_keys():
     for o in opts:
         p = o.param_groups[0]["params"][0]
         assert (p in o.state) == (p in kept)
+    # a dict {param: optimizer}, as per-parameter (layerwise) training keeps them
+    by_param = {o.param_groups[0]["params"][0]: o for o in opts}
+    for p, o in by_param.items():
+        p.requires_grad_(True)
+        p.grad = torch.ones_like(p)
+        o.step()
+    s = OwLore(blocks, gamma=1, period=1, seed=1, optimizer=by_param)
+    s.step()
+    kept = {p for b in s.active for p in blocks[b].parameters()}
+    assert {p for p, o in by_param.items() if p in o.state} == kept
 
 
 def test_resume_same_samples_and_active_set():
