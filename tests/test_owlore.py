@@ -88,6 +88,9 @@ def test_outlier_ratios_hand_made():
     assert outlier_ratios(model, [x1], blocks=model.stages, M=2.0)[0] == pytest.approx(3 / 20, abs=0)
     # A larger M leaves only the 100 (threshold 11.5 * 8 = 92) and the 50 (6.25 * 8 = 50: not > 50).
     assert outlier_ratios(model, [x1, x2], blocks=model.stages, M=8.0) == [1 / 20, 0.0]
+    # tuple batches are unpacked as positional arguments; a generator of batches works
+    assert outlier_ratios(model, ((x,) for x in (x1, x2)), blocks=model.stages, M=2.0) == \
+        pytest.approx([3 / 20, 1 / 20], abs=0)
 
 
 def test_outlier_ratios_mean_over_block():
