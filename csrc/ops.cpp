@@ -13,4 +13,22 @@ TORCH_LIBRARY(ftops, m) {
   m.def("zo_noise(Tensor like, int seed, int index) -> Tensor");
   // The raw Philox uint32 words behind it, as int64, flattened (for cross-device checks).
   m.def("zo_noise_bits(Tensor like, int seed, int index) -> Tensor");
+
+  // --- fused AdamW -----------------------------------------------------------------------------
+  // torch.optim.AdamW on lists, in place, one pass over all tensors, one hyper-parameter set per
+  // call (csrc/common/adamw_math.h): p *= 1 - lr*wd; m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2;
+  // p -= lr/bc1 * m / (sqrt(v)/sqrt(bc2) + eps), bc_i = 1 - b_i^step (1 without bias correction).
+  // `step` is the count after incrementing (>= 1). params float32/float64/float16/bfloat16,
+  // grads in the param dtype, moments float32 (float64 for float64 params); math in float32
+  // (double for float64), params rounded once.
+  m.def("adamw_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+        "Tensor(c!)[] exp_avg_sqs, float lr, float beta1, float beta2, float eps, "
+        "float weight_decay, int step, bool maximize=False, bool bias_correction=True) -> ()");
+  // Adam moments updated in place from grads, and the normalized direction written to out:
+  // out = (m / (sqrt(v)/sqrt(bc2) + eps)) / bc1. With bias_correction=False this is exactly
+  // galore_torch's N = m / (sqrt(v) + eps) (GaLore then applies lr*sqrt(bc2)/bc1 itself).
+  // out is in the grad dtype or the moment dtype.
+  m.def("adam_direction_(Tensor[] grads, Tensor(a!)[] exp_avgs, Tensor(b!)[] exp_avg_sqs, "
+        "Tensor(c!)[] out, float beta1, float beta2, float eps, int step, "
+        "bool bias_correction=True) -> ()");
 }

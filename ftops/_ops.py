@@ -57,6 +57,17 @@ def _(like, seed, index):
     return torch.empty((like.numel(),), dtype=torch.int64, device=like.device)
 
 
+@torch.library.register_fake("ftops::adamw_")
+def _(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, step,
+      maximize=False, bias_correction=True):
+    return None
+
+
+@torch.library.register_fake("ftops::adam_direction_")
+def _(grads, exp_avgs, exp_avg_sqs, out, beta1, beta2, eps, step, bias_correction=True):
+    return None
+
+
 # --- typed wrappers --------------------------------------------------------------------------------
 
 MAX_SEEDS_PER_CALL = 8  # csrc/common/zo_args.h: kMaxSeedsPerCall
@@ -86,3 +97,73 @@ def zo_noise(like: torch.Tensor, seed: int, index: int) -> torch.Tensor:
 def zo_noise_bits(like: torch.Tensor, seed: int, index: int) -> torch.Tensor:
     """The raw Philox uint32 words behind :func:`zo_noise`, flattened, as int64."""
     return torch.ops.ftops.zo_noise_bits(like, seed, index)
+
+
+def adamw_(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    step: int,
+    maximize: bool = False,
+    bias_correction: bool = True,
+) -> None:
+    """One fused ``torch.optim.AdamW`` step on lists of tensors, in place, in one pass.
+
+    For every k (``g`` negated when ``maximize``)::
+
+        p *= 1 - lr * weight_decay
+        m  = beta1 * m + (1 - beta1) * g
+        v  = beta2 * v + (1 - beta2) * g * g
+        p -= lr / bc1 * m / (sqrt(v) / sqrt(bc2) + eps)
+
+    with ``bc_i = 1 - beta_i ** step`` (1 when ``bias_correction`` is False); ``step`` is the count
+    after incrementing (>= 1). ``params`` are float32/float64/float16/bfloat16, ``grads[k]`` has
+    the dtype and shape of ``params[k]``, the moments ``exp_avgs[k]``/``exp_avg_sqs[k]`` are float32
+    (float64 for float64 params). Math in float32 (float64 for float64), params rounded once.
+    All tensors dense, contiguous, on one device; every argument is checked before anything is
+    written. The lists must not be empty (use :func:`ftops._adamw.fused_adamw`, which skips
+    empty lists and groups by device and step).
+    """
+    torch.ops.ftops.adamw_(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs),
+                           float(lr), float(beta1), float(beta2), float(eps),
+                           float(weight_decay), int(step), bool(maximize), bool(bias_correction))
+
+
+def adam_direction_(
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    out: Sequence[torch.Tensor],
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    step: int,
+    bias_correction: bool = True,
+) -> None:
+    """Updates the Adam moments in place and writes the normalized direction to ``out``.
+
+    For every k::
+
+        m = beta1 * m + (1 - beta1) * g
+        v = beta2 * v + (1 - beta2) * g * g
+        out = (m / (sqrt(v) / sqrt(bc2) + eps)) / bc1
+
+    with ``bc_i = 1 - beta_i ** step`` (1 when ``bias_correction`` is False), so ``-lr * out`` is
+    the torch.optim.Adam update. With ``bias_correction=False`` this is exactly galore_torch's
+    ``N = m / (sqrt(v) + eps)``; GaLore then projects N back and applies it with
+    ``step_size = lr * sqrt(bc2) / bc1`` (eps outside the bias correction) -- use that form to
+    match galore_torch. ``grads`` are float32/float64/float16/bfloat16, moments float32 (float64
+    for float64 grads), ``out[k]`` in the grad dtype or the moment dtype, all the same shape, dense,
+    contiguous, on one device; everything is checked before anything is written.
+    """
+    torch.ops.ftops.adam_direction_(list(grads), list(exp_avgs), list(exp_avg_sqs), list(out),
+                                    float(beta1), float(beta2), float(eps), int(step),
+                                    bool(bias_correction))
