@@ -362,6 +362,22 @@ def test_optimizer_state_freed_or_kept(make_opt, keep_state):
         assert set(opt.state) == outside | {p for b in s.active for p in blocks[b].parameters()}
 
 
+@pytest.mark.skipif(not hasattr(ftops, "layerwise"), reason="ftops.layerwise not in this build")
+def test_layerwise_optimizer_state_freed():
+    """Per-parameter optimizers stepped during backward (ftops.layerwise): its `state` view."""
+    model = tiny_llama(layers=4)
+    blocks = model.model.layers
+    lw = ftops.layerwise(model, lambda p: torch.optim.AdamW([p], lr=1e-3))
+    s = OwLore(blocks, gamma=1, period=1, seed=2, optimizer=lw)
+    outside = {p for n, p in model.named_parameters() if not n.startswith("model.layers.")}
+    visited = set()
+    for k in range(4):
+        _train(model, s, lw, 1, seed=k)
+        visited |= set(s.active)
+        assert set(lw.state) == outside | set(s.block_parameters(s.active[0]))
+    assert len(visited) > 1
+
+
 def test_stale_gradients_dropped_on_switch():
     blocks = _blocks(3)
     opt = torch.optim.SGD(blocks.parameters(), lr=1.0)
