@@ -40,6 +40,12 @@ The OwLore recipe with :class:`ftops.GaLoreAdamW` (or any optimizer that follows
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+Build the optimizer before the first ``sampler.step()``, over all parameters: the sampler then
+freezes the inactive blocks (an optimizer built afterwards from ``requires_grad`` parameters, such
+as ``ftops.layerwise(model, ...)``, would never see the other blocks). With per-parameter
+optimizers, ``OwLore(..., optimizer=ftops.layerwise(model, make_optimizer))`` frees state through
+its ``state`` view.
+
 Parameters of inactive blocks have ``requires_grad=False`` and no gradient, so the optimizer
 skips them (every torch optimizer, and GaLoreAdamW, skips parameters whose ``grad`` is None).
 With state freeing (the default) a block that is sampled again starts with fresh moments (and,
@@ -323,16 +329,15 @@ class OwLore:
         period: steps between two draws (>= 1).
         seed: seed of the sampler's own ``torch.Generator`` (the global RNG is not used).
         optimizer: optional; anything with a ``state`` mapping keyed by parameter (every
-            ``torch.optim.Optimizer``, ``ftops.GaLoreAdamW``), or a list of such (e.g. per-parameter
-            optimizers, or a dict whose values are optimizers). When given, at each draw the gradients of the deactivated blocks'
-            parameters are set to None (so that no optimizer updates a frozen block from a stale
-            gradient), and their optimizer state is deleted (``del optimizer.state[p]``) unless
-            ``keep_state=True``.
+            ``torch.optim.Optimizer``, ``ftops.GaLoreAdamW``, ``ftops.layerwise(...)``), a list of
+            such, or a dict whose values are such (e.g. per-parameter optimizers). When given, the
+            optimizer state of the deactivated blocks' parameters is deleted at each draw
+            (``del optimizer.state[p]``) unless ``keep_state=True``.
         keep_state: keep the optimizer state of inactive blocks (LISA's behaviour: the memory then
             grows with the number of distinct blocks ever sampled, up to full-model Adam state).
 
-    Gradients of deactivated parameters are set to None at every draw also without
-    ``optimizer=``. As in LISA, every parameter of a sampled block becomes trainable, including
+    At each draw the gradients of the deactivated blocks' parameters are set to None (with or
+    without ``optimizer=``), so that no optimizer updates a frozen block from a stale gradient. As in LISA, every parameter of a sampled block becomes trainable, including
     one the user had frozen inside a block.
     """
 
@@ -478,6 +483,7 @@ class OwLore:
             self.active = []
 
     def __repr__(self) -> str:
-        kind = "uniform (LISA)" if torch.allclose(self.probs, self.probs[0].expand_as(self.probs)) else "outlier-weighted"
+        uniform = torch.allclose(self.probs, self.probs[0].expand_as(self.probs))
+        kind = "uniform (LISA)" if uniform else "outlier-weighted"
         return (f"OwLore(blocks={len(self.blocks)}, gamma={self.gamma}, period={self.period}, "
                 f"sampling={kind}, keep_state={self.keep_state}, steps={self.steps}, active={self.active})")
