@@ -1,12 +1,20 @@
 """ftops: memory-efficient fine-tuning methods with C++/CUDA kernels for PyTorch.
 
-Methods: :class:`MeZO` (zeroth-order SGD). Each method lives in its own module
-(``ftops.mezo``); the kernels are registered as ``torch.ops.ftops.*``.
+Methods: :class:`MeZO` (zeroth-order SGD), :class:`GaLoreAdamW` (low-rank projected Adam) with
+:func:`layerwise` (per-parameter optimizers stepped during backward), :class:`OwLore`
+(outlier-weighted layerwise block sampling, with :func:`outlier_ratios`). Each method lives in its
+own module (``ftops.mezo``, ``ftops.galore``, ``ftops.owlore``); the kernels are registered as
+``torch.ops.ftops.*``.
 """
 from . import _ops  # noqa: F401  (loads the kernels)
 from ._build import build_info
 from . import mezo
 from .mezo import MeZO
+from . import galore
+from .galore import GaLoreAdamW, layerwise
+from . import owlore
+from .owlore import OwLore, outlier_ratios
 
 __version__ = "0.1.0"
-__all__ = ["MeZO", "build_info", "mezo", "__version__"]
+__all__ = ["MeZO", "GaLoreAdamW", "OwLore", "build_info", "galore", "layerwise", "mezo",
+           "outlier_ratios", "owlore", "__version__"]
