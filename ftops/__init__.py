@@ -2,9 +2,10 @@
 
 Methods: :class:`MeZO` (zeroth-order SGD), :class:`GaLoreAdamW` (low-rank projected Adam) with
 :func:`layerwise` (per-parameter optimizers stepped during backward), :class:`OwLore`
-(outlier-weighted layerwise block sampling, with :func:`outlier_ratios`). Each method lives in its
-own module (``ftops.mezo``, ``ftops.galore``, ``ftops.owlore``); the kernels are registered as
-``torch.ops.ftops.*``.
+(outlier-weighted layerwise block sampling, with :func:`outlier_ratios`), :mod:`ftops.s2ft`
+(structured sparse fine-tuning: ``select``/``apply``/``export``/``merge``/``load``). Each method
+lives in its own module (``ftops.mezo``, ``ftops.galore``, ``ftops.owlore``, ``ftops.s2ft``); the
+kernels are registered as ``torch.ops.ftops.*``.
 """
 from . import _ops  # noqa: F401  (loads the kernels)
 from ._build import build_info
@@ -14,7 +15,8 @@ from . import galore
 from .galore import GaLoreAdamW, layerwise
 from . import owlore
 from .owlore import OwLore, outlier_ratios
+from . import s2ft
 
 __version__ = "0.1.0"
 __all__ = ["MeZO", "GaLoreAdamW", "OwLore", "build_info", "galore", "layerwise", "mezo",
-           "outlier_ratios", "owlore", "__version__"]
+           "outlier_ratios", "owlore", "s2ft", "__version__"]
