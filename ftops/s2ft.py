@@ -543,11 +543,23 @@ class RowSliceLinear(_SliceLinear):
 
     def __init__(self, linear: nn.Linear, rows: int, train_bias: bool = True):
         super().__init__()
-        if not 0 < rows <= linear.out_features:
-            raise ValueError(f"rows: must be in [1, {linear.out_features}], got {rows}")
-        self.in_features, self.out_features, self.rows = linear.in_features, linear.out_features, rows
-        self.register_buffer("weight", linear.weight.detach())
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
+        self._setup(linear.weight.detach(), None if linear.bias is None else linear.bias.detach(),
+                    rows, train_bias)
+
+    @classmethod
+    def _from_tensors(cls, weight, bias, rows, train_bias) -> "RowSliceLinear":
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._setup(weight, bias, rows, train_bias)
+        return self
+
+    def _setup(self, weight, bias, rows, train_bias):
+        out_features, in_features = weight.shape
+        if not 0 < rows <= out_features:
+            raise ValueError(f"rows: must be in [1, {out_features}], got {rows}")
+        self.in_features, self.out_features, self.rows = in_features, out_features, rows
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", bias)
         self.weight_slice = nn.Parameter(self.weight.narrow(0, 0, rows))
         self.register_buffer("weight_slice_base", self.weight_slice.detach().clone(), persistent=False)
         if self.bias is not None and train_bias:
@@ -568,15 +580,6 @@ class RowSliceLinear(_SliceLinear):
             return _RowSliceFn.apply(x, self.weight, self.bias, self.weight_slice, self.bias_slice)
         return F.linear(x, self.weight, self.bias)
 
-    def to_linear(self) -> nn.Linear:
-        """A plain ``nn.Linear`` with the current weights (sharing their storage)."""
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device="meta")
-        lin.weight = nn.Parameter(self.weight, requires_grad=False)
-        if self.bias is not None:
-            lin.bias = nn.Parameter(self.bias, requires_grad=False)
-        return lin
-
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"trainable_rows={self.rows}, bias={self.bias is not None}, "
@@ -596,11 +599,23 @@ class ColumnSliceLinear(_SliceLinear):
 
     def __init__(self, linear: nn.Linear, cols: int):
         super().__init__()
-        if not 0 < cols <= linear.in_features:
-            raise ValueError(f"cols: must be in [1, {linear.in_features}], got {cols}")
-        self.in_features, self.out_features, self.cols = linear.in_features, linear.out_features, cols
-        self.register_buffer("weight_t", linear.weight.detach().t().contiguous())
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())
+        self._setup(linear.weight.detach().t().contiguous(),
+                    None if linear.bias is None else linear.bias.detach(), cols)
+
+    @classmethod
+    def _from_tensors(cls, weight_t, bias, cols) -> "ColumnSliceLinear":
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self._setup(weight_t, bias, cols)
+        return self
+
+    def _setup(self, weight_t, bias, cols):
+        in_features, out_features = weight_t.shape
+        if not 0 < cols <= in_features:
+            raise ValueError(f"cols: must be in [1, {in_features}], got {cols}")
+        self.in_features, self.out_features, self.cols = in_features, out_features, cols
+        self.register_buffer("weight_t", weight_t)
+        self.register_buffer("bias", bias)
         self.weight_slice = nn.Parameter(self.weight_t.narrow(0, 0, cols))
         self.register_buffer("weight_slice_base", self.weight_slice.detach().clone(), persistent=False)
 
@@ -617,15 +632,6 @@ class ColumnSliceLinear(_SliceLinear):
         if self._slices_need_grad():
             return _ColumnSliceFn.apply(x, self.weight_t, self.bias, self.weight_slice)
         return F.linear(x, self.weight_t.t(), self.bias)
-
-    def to_linear(self) -> nn.Linear:
-        """A plain ``nn.Linear`` with the current weights (a contiguous [out, in] copy)."""
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device="meta")
-        lin.weight = nn.Parameter(self.weight_t.t().contiguous(), requires_grad=False)
-        if self.bias is not None:
-            lin.bias = nn.Parameter(self.bias, requires_grad=False)
-        return lin
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -696,14 +702,64 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
+def _plain_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    lin.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        lin.bias = nn.Parameter(bias, requires_grad=False)
+    return lin
+
+
 @torch.no_grad()
-def _move(linear: nn.Linear, dim: int, index: torch.Tensor) -> None:
-    """Reorder a Linear's rows (dim 0, with its bias) or columns (dim 1) in place: new[i] = old[index[i]]."""
-    w = linear.weight
-    index = index.to(w.device)
-    w.copy_(w.index_select(dim, index))
-    if dim == 0 and linear.bias is not None:
-        linear.bias.copy_(linear.bias.index_select(0, index))
+def _rearrange(model: nn.Module, old: list[_BlockPlan], new: list[_BlockPlan], train_bias: bool) -> None:
+    """Move every projection touched by ``old`` or ``new`` from the ``old`` layout to the ``new``.
+
+    A layout is a permutation of each block's units plus the S²FT layer type of the trained
+    projections (no plans: the original model). One pass per weight: the composed permutation
+    (undo old, apply new) and the change between [out, in] and transposed storage happen in a
+    single ``index_select``. Frozen projections are permuted in place (their Parameter objects
+    survive); trained ones get new storage.
+    """
+    moves: dict[str, list] = {}  # name -> [dim, old index, new index, old slice, new slice]
+    for which, plans in ((1, old), (2, new)):
+        for plan in plans:
+            for name, dim, index in plan.moves:
+                moves.setdefault(name, [dim, None, None, None, None])[which] = index
+            for sl in plan.slices:
+                moves[sl.name][which + 2] = sl
+    for name, (dim, i_old, i_new, s_old, s_new) in moves.items():
+        mod = model.get_submodule(name)
+        n = (i_old if i_old is not None else i_new).numel()
+        ident = torch.arange(n)
+        idx = (torch.argsort(i_old) if i_old is not None else ident)
+        idx = idx[i_new] if i_new is not None else idx  # new[i] = current[idx[i]]
+        same_layout = (s_old is None) == (s_new is None) and (
+            s_old is None or (s_old.mode == s_new.mode and len(s_old.index) == len(s_new.index)
+                              and (s_new.mode == "col" or mod.bias is None
+                                   or train_bias == (mod.bias_slice is not None))))
+        if torch.equal(idx, ident) and same_layout:
+            continue
+        if isinstance(mod, ColumnSliceLinear):
+            w = mod.weight_t.t()        # [out, in] view
+        else:
+            w = mod.weight.detach()     # nn.Linear or RowSliceLinear: [out, in]
+        bias = None if mod.bias is None else mod.bias.detach()
+        index = idx.to(w.device)
+        if s_new is None and isinstance(mod, nn.Linear):
+            # Frozen projection staying an nn.Linear: permute in place.
+            mod.weight.copy_(w.index_select(dim, index))
+            if dim == 0 and bias is not None:
+                mod.bias.copy_(bias.index_select(0, index))
+            continue
+        if dim == 0 and bias is not None:
+            bias = bias.index_select(0, index)
+        if s_new is not None and s_new.mode == "col":
+            new_mod = ColumnSliceLinear._from_tensors(w.t().index_select(0, index), bias, len(s_new.index))
+        else:
+            w = w.index_select(dim, index)  # contiguous [out, in]
+            new_mod = (_plain_linear(w, bias) if s_new is None
+                       else RowSliceLinear._from_tensors(w, bias, len(s_new.index), train_bias))
+        _set_module(model, name, new_mod)
 
 
 @dataclass
@@ -759,14 +815,7 @@ def apply(model: nn.Module, selection: Selection, *, train_bias: bool = True) ->
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-    for plan in plans:
-        for name, dim, index in plan.moves:
-            _move(model.get_submodule(name), dim, index)
-        for s in plan.slices:
-            lin = model.get_submodule(s.name)
-            new = (RowSliceLinear(lin, len(s.index), train_bias) if s.mode == "row"
-                   else ColumnSliceLinear(lin, len(s.index)))
-            _set_module(model, s.name, new)
+    _rearrange(model, [], plans, train_bias)
     setattr(model, _STATE_ATTR, _State(selection, attn, mlp, plans, train_bias, requires_grad))
     return model
 
@@ -821,17 +870,20 @@ def export(model: nn.Module) -> dict[str, Any]:
 
 
 @torch.no_grad()
+def _reset_slices(model: nn.Module, st: _State) -> None:
+    for _, mod in _slice_modules(model, st):
+        mod.weight_slice.copy_(mod.weight_slice_base)
+        if getattr(mod, "bias_slice", None) is not None:
+            mod.bias_slice.copy_(mod.bias_slice_base)
+
+
+@torch.no_grad()
 def _restore_plain(model: nn.Module, st: _State, reset: bool) -> None:
     """Back to plain nn.Linear modules in the original order (reset: base slice values first)."""
-    for s, mod in _slice_modules(model, st):
-        if reset:
-            mod.weight_slice.copy_(mod.weight_slice_base)
-            if getattr(mod, "bias_slice", None) is not None:
-                mod.bias_slice.copy_(mod.bias_slice_base)
-        _set_module(model, s.name, mod.to_linear())
-    for plan in st.plans:
-        for name, dim, index in plan.moves:
-            _move(model.get_submodule(name), dim, torch.argsort(index))
+    list(_slice_modules(model, st))  # check the layers are intact before changing anything
+    if reset:
+        _reset_slices(model, st)
+    _rearrange(model, st.plans, [], st.train_bias)
     for name, p in model.named_parameters():
         p.requires_grad_(st.requires_grad.get(name, True))
     delattr(model, _STATE_ATTR)
@@ -901,7 +953,8 @@ def load(base_model: nn.Module, adapter: Mapping[str, Any]) -> nn.Module:
     :func:`merge`. On a model that already carries an S²FT adapter this switches adapters: with
     the same selection only the slices are rewritten (base + new delta; fast), otherwise the old
     adapter is removed first (:func:`unload`: exact base weights back) and the new one applied.
-    The adapter is checked against the model before anything is changed.
+    The adapter is checked against the model before anything is changed. After a switch to a
+    different selection the trainable parameters are new objects: make a new optimizer.
     """
     sel, train_bias = _check_adapter(adapter)
     st = _state(base_model) if isinstance(base_model, nn.Module) else None
@@ -928,12 +981,18 @@ def load(base_model: nn.Module, adapter: Mapping[str, Any]) -> nn.Module:
                 or tuple(d["delta"].shape) != shape):
             raise ValueError(f"adapter: delta {name!r} does not fit this model (expected dim={dim}, "
                              f"delta shape {shape} and the index of its selection)")
-    if st is not None and (st.selection != sel or st.train_bias != train_bias):
-        unload(base_model)
-        st = None
     if st is None:
         apply(base_model, sel, train_bias=train_bias)
         st = _state(base_model)
+    elif st.selection != sel or st.train_bias != train_bias:
+        # Switch layouts in one pass per weight: base slices back, then old -> new permutation.
+        list(_slice_modules(base_model, st))
+        with torch.no_grad():
+            _reset_slices(base_model, st)
+        plans = _plans(sel, attn, mlp)
+        _rearrange(base_model, st.plans, plans, train_bias)
+        st = _State(sel, attn, mlp, plans, train_bias, st.requires_grad)
+        setattr(base_model, _STATE_ATTR, st)
     with torch.no_grad():
         for s, mod in _slice_modules(base_model, st):
             d = deltas[f"{s.name}.weight"]["delta"]

@@ -159,6 +159,23 @@ def test_slice_gradients_match_dense(arch, device, heads, channels, seed):
     assert n_trainable == sel.num_heads * per_head + sel.num_channels * (2 * HIDDEN + 1)
 
 
+def test_train_bias_false(device):
+    model = tiny_llama(torch.float64, device)
+    ref = copy.deepcopy(model)
+    sel = s2ft.select(model, heads=0.5, channels=0.3, seed=4)
+    s2ft.apply(model, sel, train_bias=False)
+    assert not any(n.endswith("bias_slice") for n, p in model.named_parameters())
+    ids = inputs(device)
+    loss_fn(out(model, ids)).backward()
+    loss_fn(out(ref, ids)).backward()
+    for name, mode, idx in expected_slices("llama", sel):
+        r = ref.get_submodule(name).weight.grad
+        r = r[idx] if mode == "row" else r[:, idx].t()
+        torch.testing.assert_close(model.get_submodule(name).weight_slice.grad, r, rtol=1e-10, atol=1e-12)
+    with pytest.raises(TypeError, match="train_bias"):
+        s2ft.apply(tiny_llama(), sel, train_bias=1)
+
+
 def test_float32_and_bfloat16_gradients(device):
     ids = inputs(device)
     ref = tiny_llama(torch.float64, device)
@@ -398,21 +415,24 @@ def test_switching_adapters(device):
     sel_b = s2ft.select(base, heads=0.5, channels=0.3, seed=2)
     assert sel_a != sel_b
     trained = {}
-    for tag, sel, seed in (("a", sel_a, 0), ("a2", sel_a, 1), ("b", sel_b, 2)):
-        m = _train(s2ft.apply(copy.deepcopy(base), sel), device, seed=seed)
+    for tag, sel, seed, tb in (("a", sel_a, 0, True), ("a2", sel_a, 1, True), ("b", sel_b, 2, True),
+                               ("a_nobias", sel_a, 3, False)):
+        m = _train(s2ft.apply(copy.deepcopy(base), sel, train_bias=tb), device, seed=seed)
         trained[tag] = (s2ft.export(m), m)
     ids = inputs(device, seed=5)
     model = copy.deepcopy(base)
     s2ft.load(model, trained["a"][0])
     slice_params = [p for p in model.parameters() if p.requires_grad]
-    for tag in ("a2", "b", "a", "a2"):
+    for tag in ("a2", "b", "a", "a2", "a_nobias", "b", "a_nobias"):
         same_selection = s2ft._state(model).selection == s2ft.Selection.from_dict(trained[tag][0]["selection"])
         s2ft.load(model, trained[tag][0])
         with torch.no_grad():
             torch.testing.assert_close(out(model, ids), out(trained[tag][1], ids), rtol=1e-12, atol=1e-12)
         now = [p for p in model.parameters() if p.requires_grad]
-        if same_selection:  # fast path: the same parameter objects, only their values rewritten
-            assert all(p is q for p, q in zip(now, slice_params))
+        if same_selection and tag != "a_nobias":  # fast path: same parameters, new values
+            assert len(now) == len(slice_params) and all(p is q for p, q in zip(now, slice_params))
+        want = {n for n, p in trained[tag][1].named_parameters() if p.requires_grad}
+        assert {n for n, p in model.named_parameters() if p.requires_grad} == want
         slice_params = now
     s2ft.unload(model)
     for k, v in model.state_dict().items():
