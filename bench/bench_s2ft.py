@@ -1,20 +1,22 @@
 """One training step of a Llama-style model: full fine-tuning vs LoRA (peft) vs ftops S²FT.
 
-Each method runs in a fresh subprocess (so peak memory is not polluted by the others) on the same
-randomly initialised model built from a transformers LlamaConfig (nothing is downloaded):
-forward with a causal-LM loss, backward, AdamW step, zero_grad. Reported per method:
+Every method trains the same randomly initialised model built from a transformers LlamaConfig
+(nothing is downloaded): forward with a causal-LM loss, backward, AdamW step, zero_grad.
+Reported per method:
 
-* peak memory: on CPU the process's peak resident set (ru_maxrss) minus its resident set just
+* peak memory, measured with each method alone in a fresh subprocess: on CPU the process's peak resident set (ru_maxrss) minus its resident set just
   before the model was created, i.e. weights + gradients + optimizer state + activations +
   temporaries; on CUDA ``torch.cuda.max_memory_allocated`` minus what was allocated before the
   model was created;
-* step time: median over the timed steps, after warm-up steps;
+* step time: median over the timed steps, after warm-up steps, with forward / backward /
+  optimizer split; measured in one separate process that holds all methods' models and runs
+  their steps interleaved, round by round, so that all see the same machine conditions;
 * trainable parameters. LoRA's rank is chosen so its trainable-parameter count is as close as
   possible to S²FT's (adapters on q/k/v/o/gate/up/down).
 
 The S²FT worker also times switching adapters on one model (``ftops.s2ft.load``): to an adapter
 with the same selection (only the slices are rewritten) and to one with a different selection
-(unload + co-permute + load).
+(the blocks are re-permuted from one layout to the other, one pass per weight).
 
 A table with ratios to full fine-tuning is printed and JSON is written to
 bench/results/s2ft.json (or --out). Usage::
@@ -53,13 +55,15 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice; on a busy shared machine "
+                        "--threads 1 avoids OpenMP stalls that distort the timings)")
     p.add_argument("--s2ft-heads", type=float, default=0.05, help="S²FT heads ratio")
     p.add_argument("--s2ft-channels", type=float, default=0.02, help="S²FT channels ratio")
     p.add_argument("--lora-rank", type=int, default=None, help="default: match S²FT's trainable count")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--out", default=os.path.join(HERE, "results", "s2ft.json"))
-    p.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=METHODS + ("time",), help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -100,130 +104,152 @@ def lora_rank(a) -> int:
 
 
 # --------------------------------------------------------------------------------------------------
-# worker: one method in this process
+# workers
 # --------------------------------------------------------------------------------------------------
 
-def worker(a) -> dict:
+class Trainer:
+    """One method's model, optimizer and training step."""
+
+    def __init__(self, a, method):
+        import torch
+        import transformers
+
+        self.a, self.method, self.info = a, method, {"method": method}
+        self.device = torch.device(a.device)
+        torch.manual_seed(0)
+        with torch.device(self.device):
+            model = transformers.LlamaForCausalLM(build_config(a)).to(getattr(torch, a.dtype))
+        model.train()
+        if method == "full":
+            params = list(model.parameters())
+        elif method == "lora":
+            import peft
+
+            r = lora_rank(a)
+            lcfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=LORA_TARGETS)
+            model = peft.get_peft_model(model, lcfg)
+            params = [p for p in model.parameters() if p.requires_grad]
+            self.info["lora_rank"] = r
+        else:
+            import ftops
+
+            sel = ftops.s2ft.select(model, heads=a.s2ft_heads, channels=a.s2ft_channels, seed=0)
+            ftops.s2ft.apply(model, sel)
+            params = [p for p in model.parameters() if p.requires_grad]
+            self.info["s2ft_heads"], self.info["s2ft_channels"] = sel.num_heads, sel.num_channels
+        self.model, self.params = model, params
+        self.info["trainable_params"] = sum(p.numel() for p in params)
+        self.opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
+        g = torch.Generator().manual_seed(1)
+        self.ids = torch.randint(0, a.vocab, (a.batch, a.seq), generator=g).to(self.device)
+
+    def sync(self):
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def step(self) -> dict:
+        """One step; seconds for forward, backward, optimizer, and the loss."""
+        t = [time.perf_counter()]
+        loss = self.model(input_ids=self.ids, labels=self.ids).loss
+        self.sync()
+        t.append(time.perf_counter())
+        loss.backward()
+        self.sync()
+        t.append(time.perf_counter())
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.sync()
+        t.append(time.perf_counter())
+        return {"fwd": t[1] - t[0], "bwd": t[2] - t[1], "opt": t[3] - t[2], "step": t[3] - t[0],
+                "loss": loss.item()}
+
+
+def set_threads(a):
     import torch
 
     if a.threads:
         torch.set_num_threads(a.threads)
+
+
+def memory_worker(a) -> dict:
+    """Peak memory of one method (this process runs only that method)."""
+    import torch
     import transformers  # noqa: F401  (imported before the memory baseline)
 
-    device = torch.device(a.device)
-    dtype = getattr(torch, a.dtype)
-    cuda = device.type == "cuda"
-    cfg = build_config(a)
-
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
+    set_threads(a)
+    cuda = a.device == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-        base_mem = torch.cuda.memory_allocated()
+        base = torch.cuda.memory_allocated()
     else:
-        base_mem = rss_bytes()
-
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = transformers.LlamaForCausalLM(cfg).to(dtype)
-    model.train()
-    res: dict = {"method": a.worker}
-
-    if a.worker == "full":
-        params = [p for p in model.parameters()]
-    elif a.worker == "lora":
-        import peft
-
-        r = lora_rank(a)
-        lcfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=LORA_TARGETS)
-        model = peft.get_peft_model(model, lcfg)
-        params = [p for p in model.parameters() if p.requires_grad]
-        res["lora_rank"] = r
-    else:
-        import ftops
-
-        sel = ftops.s2ft.select(model, heads=a.s2ft_heads, channels=a.s2ft_channels, seed=0)
-        ftops.s2ft.apply(model, sel)
-        params = [p for p in model.parameters() if p.requires_grad]
-        res["s2ft_heads"], res["s2ft_channels"] = sel.num_heads, sel.num_channels
-    res["trainable_params"] = sum(p.numel() for p in params)
-    res["total_params"] = sum(p.numel() for p in model.parameters()) + sum(
-        b.numel() for n, b in model.named_buffers() if n.endswith((".weight", ".weight_t", ".bias")))
-    opt = torch.optim.AdamW(params, lr=1e-5, weight_decay=0.0)
-
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, a.vocab, (a.batch, a.seq), generator=g).to(device)
-
-    def step():
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return loss.item()
-
-    times, losses = [], []
-    for i in range(a.warmup + a.steps):
-        sync()
-        t0 = time.perf_counter()
-        losses.append(step())
-        sync()
-        if i >= a.warmup:
-            times.append(time.perf_counter() - t0)
+        base = rss_bytes()
+    tr = Trainer(a, a.worker)
+    res = dict(tr.info)
+    if not cuda:
+        res["setup_rss_bytes"] = rss_bytes() - base
+    steps = [tr.step() for _ in range(2)]  # optimizer state exists from the first step on
     if cuda:
-        peak = torch.cuda.max_memory_allocated() - base_mem
+        res["peak_bytes"] = torch.cuda.max_memory_allocated() - base
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base_mem
-    res.update(step_time_s=statistics.median(times), step_times_s=times, peak_bytes=peak,
-               losses=losses)
-
+        res["peak_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    res["losses"] = [s["loss"] for s in steps]
     if a.worker == "s2ft":
-        res["switch"] = time_switching(a, model, sel, step, sync)
+        res["switch"] = time_switching(a, tr)
     return res
 
 
-def time_switching(a, model, sel_a, step, sync) -> dict:
-    """Seconds per ftops.s2ft.load between adapters on one model (median of a few switches)."""
-    import torch
+def timing_worker(a, methods) -> dict:
+    """Step times of all methods, interleaved round by round in one process.
+
+    Interleaving makes every method see the same machine conditions (on a shared or thermally
+    throttling machine, separate runs drift by more than the differences measured)."""
+    set_threads(a)
+    trainers = {m: Trainer(a, m) for m in methods}
+    rows: dict[str, list[dict]] = {m: [] for m in methods}
+    for r in range(a.warmup + a.steps):
+        order = methods[r % len(methods):] + methods[: r % len(methods)]
+        for m in order:
+            out = trainers[m].step()
+            if r >= a.warmup:
+                rows[m].append(out)
+    res = {}
+    for m in methods:
+        med = {k: statistics.median(x[k] for x in rows[m]) for k in ("fwd", "bwd", "opt", "step")}
+        res[m] = {"step_time_s": med["step"], "fwd_s": med["fwd"], "bwd_s": med["bwd"],
+                  "opt_s": med["opt"], "step_times_s": [x["step"] for x in rows[m]]}
+    return res
+
+
+def time_switching(a, tr) -> dict:
+    """Seconds per ftops.s2ft.load between adapters on one model (medians)."""
     import ftops
 
-    s2ft = ftops.s2ft
+    s2ft, model = ftops.s2ft, tr.model
     adapter_a = s2ft.export(model)
     adapter_a2 = {**adapter_a, "deltas": {k: {**v, "delta": 0.5 * v["delta"]}
                                           for k, v in adapter_a["deltas"].items()}}
+    # A second adapter with another selection, trained for one step.
     s2ft.unload(model)
-    sel_b = s2ft.select(model, heads=a.s2ft_heads, channels=a.s2ft_channels, seed=1)
-    s2ft.apply(model, sel_b)
-    opt_b = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
-    loss = model(input_ids=torch.zeros(1, 8, dtype=torch.long, device=model.device),
-                 labels=torch.zeros(1, 8, dtype=torch.long, device=model.device)).loss
-    loss.backward()
-    opt_b.step()
+    s2ft.apply(model, s2ft.select(model, heads=a.s2ft_heads, channels=a.s2ft_channels, seed=1))
+    tr.opt = __import__("torch").optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    tr.step()
     adapter_b = s2ft.export(model)
 
-    def timed(adapter, reps=3):
+    def timed(pairs):
         ts = []
-        for _ in range(reps):
-            s2ft.load(model, adapter_a if adapter is not adapter_a else adapter_b)  # start elsewhere
-            sync()
+        for src, dst in pairs:
+            s2ft.load(model, src)
+            tr.sync()
             t0 = time.perf_counter()
-            s2ft.load(model, adapter)
-            sync()
+            s2ft.load(model, dst)
+            tr.sync()
             ts.append(time.perf_counter() - t0)
         return statistics.median(ts)
 
-    # Same selection: switch a -> a2 (only slice values change).
-    same = []
-    s2ft.load(model, adapter_a)
-    for _ in range(5):
-        sync()
-        t0 = time.perf_counter()
-        s2ft.load(model, adapter_a2)
-        sync()
-        same.append(time.perf_counter() - t0)
-        s2ft.load(model, adapter_a)
-    return {"same_selection_s": statistics.median(same), "other_selection_s": timed(adapter_a)}
+    return {"same_selection_s": timed([(adapter_a, adapter_a2), (adapter_a2, adapter_a)] * 3),
+            "other_selection_s": timed([(adapter_a, adapter_b), (adapter_b, adapter_a)] * 2)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -241,7 +267,7 @@ def main(argv=None):
 
         a.device = "cuda" if torch.cuda.is_available() else "cpu"
     if a.worker:
-        res = worker(a)
+        res = (timing_worker(a, a.methods.split(",")) if a.worker == "time" else memory_worker(a))
         with open(a.worker_out, "w") as f:
             json.dump(res, f)
         return
@@ -253,27 +279,39 @@ def main(argv=None):
     print(f"Llama-style model: {a.layers} blocks, hidden {a.hidden}, intermediate {a.intermediate}, "
           f"heads {a.heads}/{a.kv_heads} kv, vocab {a.vocab}; batch {a.batch} x seq {a.seq}; "
           f"{a.dtype} on {a.device}; {a.warmup} warm-up + {a.steps} timed steps per method")
+    load1 = os.getloadavg()[0]
+    if a.device == "cpu" and load1 > (os.cpu_count() or 1):
+        print(f"warning: load average {load1:.1f} exceeds the {os.cpu_count()} CPUs; timings will be "
+              "noisy (consider --threads 1)")
     print(f"S²FT heads={a.s2ft_heads} channels={a.s2ft_channels}; LoRA rank {lora_rank(a)} "
           f"(S²FT trainable ≈ {s2ft_trainable(a):,})", flush=True)
 
     results = {}
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    passthrough = [x for x in (argv if argv is not None else sys.argv[1:])]
-    for m in methods:
-        tmp = f"{a.out}.{m}.tmp"
+    passthrough = list(argv if argv is not None else sys.argv[1:])
+
+    def run_worker(kind):
+        tmp = f"{a.out}.{kind}.tmp"
         cmd = [sys.executable, os.path.abspath(__file__), *passthrough, "--device", a.device,
-               "--worker", m, "--worker-out", tmp]
+               "--methods", ",".join(methods), "--worker", kind, "--worker-out", tmp]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd)
         if proc.returncode != 0:
-            raise SystemExit(f"{m}: worker failed with exit status {proc.returncode}")
+            raise SystemExit(f"{kind}: worker failed with exit status {proc.returncode}")
         with open(tmp) as f:
-            results[m] = json.load(f)
+            res = json.load(f)
         os.remove(tmp)
-        print(f"  {m}: done in {time.perf_counter() - t0:.1f} s", flush=True)
+        print(f"  {kind}: done in {time.perf_counter() - t0:.1f} s", flush=True)
+        return res
+
+    for m in methods:  # peak memory: a fresh process per method
+        results[m] = run_worker(m)
+    for m, r in run_worker("time").items():  # step times: all methods interleaved, one process
+        results[m].update(r)
 
     ref = results.get("full")
-    hdr = f"{'method':<8}{'trainable':>14}{'peak memory':>14}{'x full':>8}{'step time':>12}{'x full':>8}"
+    hdr = (f"{'method':<9}{'trainable':>13}{'peak memory':>14}{'x full':>8}{'step time':>11}"
+           f"{'x full':>8}{'fwd':>8}{'bwd':>8}{'opt':>8}")
     print("\n" + hdr + "\n" + "-" * len(hdr))
     for m, r in results.items():
         if ref:
@@ -282,8 +320,9 @@ def main(argv=None):
         mem_ratio = f"{r['peak_ratio_vs_full']:.2f}" if ref else "-"
         time_ratio = f"{r['time_ratio_vs_full']:.2f}" if ref else "-"
         label = m if m != "lora" else f"lora r{r['lora_rank']}"
-        print(f"{label:<8}{r['trainable_params']:>14,}{fmt_bytes(r['peak_bytes']):>14}{mem_ratio:>8}"
-              f"{r['step_time_s'] * 1e3:>10.0f}ms{time_ratio:>8}")
+        print(f"{label:<9}{r['trainable_params']:>13,}{fmt_bytes(r['peak_bytes']):>14}{mem_ratio:>8}"
+              f"{r['step_time_s'] * 1e3:>9.0f}ms{time_ratio:>8}" +
+              "".join(f"{r[k] * 1e3:>6.0f}ms" for k in ("fwd_s", "bwd_s", "opt_s")))
     if "s2ft" in results:
         sw = results["s2ft"]["switch"]
         print(f"\nS²FT adapter switch: same selection {sw['same_selection_s'] * 1e3:.2f} ms, "
@@ -305,6 +344,7 @@ def main(argv=None):
             "torch": torch.__version__, "python": platform.python_version(),
             "machine": platform.machine(), "cpu_count": os.cpu_count(),
             "threads": a.threads or torch.get_num_threads(),
+            "loadavg_at_end": os.getloadavg(),
             "gpu": torch.cuda.get_device_name() if a.device == "cuda" else None,
             "memory_metric": ("torch.cuda.max_memory_allocated minus allocation before model creation"
                               if a.device == "cuda" else
