@@ -1,8 +1,9 @@
 """One training step of a Llama-style model: full fine-tuning vs LoRA (peft) vs ftops S²FT.
 
 Every method trains the same randomly initialised model built from a transformers LlamaConfig
-(nothing is downloaded): forward with a causal-LM loss, backward, AdamW step, zero_grad.
-Reported per method:
+(nothing is downloaded; without transformers, or with --model builtin, a plain-PyTorch
+Llama-style model with the same module names): forward with a causal-LM loss, backward, AdamW
+step, zero_grad. Reported per method:
 
 * peak memory, measured with each method alone in a fresh subprocess: on CPU the process's peak resident set (ru_maxrss) minus its resident set just
   before the model was created, i.e. weights + gradients + optimizer state + activations +
@@ -12,7 +13,8 @@ Reported per method:
   optimizer split; measured in one separate process that holds all methods' models and runs
   their steps interleaved, round by round, so that all see the same machine conditions;
 * trainable parameters. LoRA's rank is chosen so its trainable-parameter count is as close as
-  possible to S²FT's (adapters on q/k/v/o/gate/up/down).
+  possible to S²FT's (adapters on q/k/v/o/gate/up/down; peft when installed and the model is
+  transformers', otherwise an equivalent builtin LoRA layer).
 
 The S²FT worker also times switching adapters on one model (``ftops.s2ft.load``): to an adapter
 with the same selection (only the slices are rewritten) and to one with a different selection
@@ -21,8 +23,10 @@ with the same selection (only the slices are rewritten) and to one with a differ
 A table with ratios to full fine-tuning is printed and JSON is written to
 bench/results/s2ft.json (or --out). Usage::
 
-    python bench/bench_s2ft.py                   # CPU defaults: 8 blocks, hidden 1024, seq 256
-    python bench/bench_s2ft.py --device cuda --layers 16 --hidden 2048 --seq 1024 --batch 4
+    python bench/bench_s2ft.py                 # CPU: 8 blocks, hidden 1024, seq 256 (~168M params)
+    python bench/bench_s2ft.py --quick         # CPU: 4 blocks, hidden 512, seq 128
+    python bench/bench_s2ft.py --device cuda   # 16 blocks, hidden 2048, seq 1024, batch 4
+    python bench/bench_s2ft.py --threads 1     # on a busy shared CPU machine
 """
 from __future__ import annotations
 
@@ -35,26 +39,36 @@ import statistics
 import subprocess
 import sys
 import time
+import types
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 METHODS = ("full", "lora", "s2ft")
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+# Model sizes: (layers, hidden, intermediate, heads, kv_heads, vocab, seq, batch, warmup, steps)
+SIZES = {
+    ("cpu", False): (8, 1024, 2816, 16, 16, 32000, 256, 1, 1, 3),     # ~168M parameters
+    ("cpu", True): (4, 512, 1408, 8, 8, 8000, 128, 1, 1, 2),          # --quick
+    ("cuda", False): (16, 2048, 5632, 16, 16, 32000, 1024, 4, 2, 5),  # ~940M parameters
+    ("cuda", True): (8, 1024, 2816, 16, 16, 32000, 512, 2, 2, 5),
+}
+SIZE_ARGS = ("layers", "hidden", "intermediate", "heads", "kv_heads", "vocab", "seq", "batch",
+             "warmup", "steps")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--quick", action="store_true", help="a small model (well under a minute per "
+                   "method on 2 CPU cores)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--intermediate", type=int, default=2816)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--kv-heads", type=int, default=16)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--model", default="auto", choices=["auto", "transformers", "builtin"],
+                   help="transformers' LlamaForCausalLM (auto: when installed) or the plain-PyTorch "
+                        "Llama-style model in this script")
+    for name in SIZE_ARGS:
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=None,
+                       help="default: by device and --quick (see SIZES)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice; on a busy shared machine "
                         "--threads 1 avoids OpenMP stalls that distort the timings)")
@@ -65,7 +79,24 @@ def parse_args(argv=None):
     p.add_argument("--out", default=os.path.join(HERE, "results", "s2ft.json"))
     p.add_argument("--worker", choices=METHODS + ("time",), help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    if a.device is None:
+        import torch
+
+        a.device = "cuda" if torch.cuda.is_available() else "cpu"
+    for name, default in zip(SIZE_ARGS, SIZES[(a.device, a.quick)]):
+        if getattr(a, name) is None:
+            setattr(a, name, default)
+    if a.model == "auto":
+        a.model = "transformers" if has_module("transformers") else "builtin"
+    a.lora_impl = "peft" if has_module("peft") and a.model == "transformers" else "builtin"
+    return a
+
+
+def has_module(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
 
 
 def rss_bytes() -> int:
@@ -76,13 +107,131 @@ def rss_bytes() -> int:
     raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-def build_config(a):
-    import transformers
+def build_model(a):
+    """The Llama-style causal LM to train: transformers' LlamaForCausalLM or the builtin one."""
+    if a.model == "transformers":
+        import transformers
 
-    return transformers.LlamaConfig(
-        vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.intermediate,
-        num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.kv_heads,
-        max_position_embeddings=max(a.seq, 128), tie_word_embeddings=False)
+        cfg = transformers.LlamaConfig(
+            vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.intermediate,
+            num_hidden_layers=a.layers, num_attention_heads=a.heads, num_key_value_heads=a.kv_heads,
+            max_position_embeddings=max(a.seq, 128), tie_word_embeddings=False)
+        return transformers.LlamaForCausalLM(cfg)
+    return BuiltinLlama(a)
+
+
+def _builtin_classes():
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    class RMSNorm(nn.Module):
+        def __init__(self, n, eps=1e-6):
+            super().__init__()
+            self.weight, self.eps = nn.Parameter(torch.ones(n)), eps
+
+        def forward(self, x):
+            return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+
+    class Attention(nn.Module):
+        def __init__(self, a):
+            super().__init__()
+            self.head_dim = a.hidden // a.heads
+            self.q_proj = nn.Linear(a.hidden, a.heads * self.head_dim, bias=False)
+            self.k_proj = nn.Linear(a.hidden, a.kv_heads * self.head_dim, bias=False)
+            self.v_proj = nn.Linear(a.hidden, a.kv_heads * self.head_dim, bias=False)
+            self.o_proj = nn.Linear(a.heads * self.head_dim, a.hidden, bias=False)
+
+        def forward(self, x):
+            b, t, _ = x.shape
+            q, k, v = (p(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+                       for p in (self.q_proj, self.k_proj, self.v_proj))
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                 enable_gqa=q.shape[1] != k.shape[1])
+            return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+    class MLP(nn.Module):
+        def __init__(self, a):
+            super().__init__()
+            self.gate_proj = nn.Linear(a.hidden, a.intermediate, bias=False)
+            self.up_proj = nn.Linear(a.hidden, a.intermediate, bias=False)
+            self.down_proj = nn.Linear(a.intermediate, a.hidden, bias=False)
+
+        def forward(self, x):
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    class Block(nn.Module):
+        def __init__(self, a):
+            super().__init__()
+            self.input_layernorm, self.self_attn = RMSNorm(a.hidden), Attention(a)
+            self.post_attention_layernorm, self.mlp = RMSNorm(a.hidden), MLP(a)
+
+        def forward(self, x):
+            x = x + self.self_attn(self.input_layernorm(x))
+            return x + self.mlp(self.post_attention_layernorm(x))
+
+    class Llama(nn.Module):
+        """Llama without rotary embeddings (elementwise, negligible cost), same module paths."""
+
+        def __init__(self, a):
+            super().__init__()
+            self.model = nn.Module()
+            self.model.embed_tokens = nn.Embedding(a.vocab, a.hidden)
+            self.model.layers = nn.ModuleList(Block(a) for _ in range(a.layers))
+            self.model.norm = RMSNorm(a.hidden)
+            self.lm_head = nn.Linear(a.hidden, a.vocab, bias=False)
+            for m in self.modules():
+                if isinstance(m, (nn.Linear, nn.Embedding)):
+                    nn.init.normal_(m.weight, std=0.02)
+
+        def forward(self, input_ids, labels):
+            x = self.model.embed_tokens(input_ids)
+            for layer in self.model.layers:
+                x = layer(x)
+            logits = self.lm_head(self.model.norm(x)).float()
+            loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                   labels[:, 1:].reshape(-1))
+            return types.SimpleNamespace(loss=loss, logits=logits)
+
+    class LoraLinear(nn.Module):
+        """y = base(x) + scale * B(A(x)), A and B trainable (peft's LoRA without dropout)."""
+
+        def __init__(self, base, r, alpha):
+            super().__init__()
+            self.base, self.scale = base, alpha / r
+            self.lora_A = nn.Linear(base.in_features, r, bias=False, device=base.weight.device,
+                                    dtype=base.weight.dtype)
+            self.lora_B = nn.Linear(r, base.out_features, bias=False, device=base.weight.device,
+                                    dtype=base.weight.dtype)
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=5 ** 0.5)
+            nn.init.zeros_(self.lora_B.weight)
+
+        def forward(self, x):
+            return self.base(x) + self.lora_B(self.lora_A(x)) * self.scale
+
+    return Llama, LoraLinear
+
+
+def BuiltinLlama(a):
+    return _builtin_classes()[0](a)
+
+
+def add_lora(a, model, r):
+    """LoRA on q/k/v/o/gate/up/down: peft when installed (and the model is transformers'), else
+    the builtin LoraLinear."""
+    if a.lora_impl == "peft":
+        import peft
+
+        lcfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=LORA_TARGETS)
+        return peft.get_peft_model(model, lcfg)
+    LoraLinear = _builtin_classes()[1]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, mod in list(model.named_modules()):
+        if name.rpartition(".")[2] in LORA_TARGETS:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, LoraLinear(mod, r, 2 * r))
+    return model
 
 
 def s2ft_trainable(a) -> int:
@@ -112,24 +261,20 @@ class Trainer:
 
     def __init__(self, a, method):
         import torch
-        import transformers
 
         self.a, self.method, self.info = a, method, {"method": method}
         self.device = torch.device(a.device)
         torch.manual_seed(0)
         with torch.device(self.device):
-            model = transformers.LlamaForCausalLM(build_config(a)).to(getattr(torch, a.dtype))
+            model = build_model(a).to(getattr(torch, a.dtype))
         model.train()
         if method == "full":
             params = list(model.parameters())
         elif method == "lora":
-            import peft
-
             r = lora_rank(a)
-            lcfg = peft.LoraConfig(r=r, lora_alpha=2 * r, lora_dropout=0.0, target_modules=LORA_TARGETS)
-            model = peft.get_peft_model(model, lcfg)
+            model = add_lora(a, model, r)
             params = [p for p in model.parameters() if p.requires_grad]
-            self.info["lora_rank"] = r
+            self.info["lora_rank"], self.info["lora_impl"] = r, a.lora_impl
         else:
             import ftops
 
@@ -176,8 +321,11 @@ def set_threads(a):
 def memory_worker(a) -> dict:
     """Peak memory of one method (this process runs only that method)."""
     import torch
-    import transformers  # noqa: F401  (imported before the memory baseline)
 
+    if a.model == "transformers":
+        import transformers  # noqa: F401  (imported before the memory baseline)
+    if a.lora_impl == "peft":
+        import peft  # noqa: F401
     set_threads(a)
     cuda = a.device == "cuda"
     if cuda:
@@ -262,10 +410,6 @@ def fmt_bytes(n: float) -> str:
 
 def main(argv=None):
     a = parse_args(argv)
-    if a.device is None:
-        import torch
-
-        a.device = "cuda" if torch.cuda.is_available() else "cpu"
     if a.worker:
         res = (timing_worker(a, a.methods.split(",")) if a.worker == "time" else memory_worker(a))
         with open(a.worker_out, "w") as f:
@@ -278,7 +422,8 @@ def main(argv=None):
             raise SystemExit(f"--methods: unknown method {m!r} (choose from {METHODS})")
     print(f"Llama-style model: {a.layers} blocks, hidden {a.hidden}, intermediate {a.intermediate}, "
           f"heads {a.heads}/{a.kv_heads} kv, vocab {a.vocab}; batch {a.batch} x seq {a.seq}; "
-          f"{a.dtype} on {a.device}; {a.warmup} warm-up + {a.steps} timed steps per method")
+          f"{a.dtype} on {a.device}; {a.warmup} warm-up + {a.steps} timed steps per method; "
+          f"model: {a.model}, LoRA: {a.lora_impl}")
     load1 = os.getloadavg()[0]
     if a.device == "cpu" and load1 > (os.cpu_count() or 1):
         print(f"warning: load average {load1:.1f} exceeds the {os.cpu_count()} CPUs; timings will be "

@@ -3,21 +3,102 @@
 Every gradient is checked against the dense autograd gradient of an untouched copy of the model
 (float64), restricted to the trained slice, with indices computed here from the selection, not
 by the code under test.
+
+Models: a small pure-PyTorch Llama-style model defined here (grouped-query attention, biases;
+runs everywhere, including CUDA machines without transformers) and, when transformers is
+installed, tiny transformers Llama (GQA + biases) and BERT models built from configs.
 """
 import copy
 import io
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import ftops
 from ftops import s2ft
 
-transformers = pytest.importorskip("transformers")
+try:
+    import transformers
+except ImportError:  # the transformers-model tests are skipped; the pure-torch ones still run
+    transformers = None
+needs_hf = pytest.mark.skipif(transformers is None, reason="transformers is not installed")
 
 HIDDEN, INTER, VOCAB = 48, 80, 61
+
+
+class MiniAttention(nn.Module):
+    def __init__(self, hidden, heads, kv_heads, head_dim, bias):
+        super().__init__()
+        self.head_dim = head_dim
+        self.q_proj = nn.Linear(hidden, heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=bias)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = (p(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
+        rep = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.o_proj(a.transpose(1, 2).reshape(b, t, -1))
+
+
+class MiniMLP(nn.Module):
+    def __init__(self, hidden, inter, bias):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, inter, bias=bias)
+        self.up_proj = nn.Linear(hidden, inter, bias=bias)
+        self.down_proj = nn.Linear(inter, hidden, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MiniBlock(nn.Module):
+    def __init__(self, hidden, heads, kv_heads, head_dim, inter, bias):
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(hidden)
+        self.self_attn = MiniAttention(hidden, heads, kv_heads, head_dim, bias)
+        self.post_attention_layernorm = nn.LayerNorm(hidden)
+        self.mlp = MiniMLP(hidden, inter, bias)
+
+    def forward(self, x):
+        x = x + self.self_attn(self.input_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class MiniLlama(nn.Module):
+    """Llama-style decoder in plain PyTorch, with the module paths of transformers' Llama."""
+
+    def __init__(self, hidden=HIDDEN, heads=4, kv_heads=2, head_dim=16, inter=INTER, layers=3,
+                 bias=True):
+        super().__init__()
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(VOCAB, hidden)
+        self.model.layers = nn.ModuleList(
+            MiniBlock(hidden, heads, kv_heads, head_dim, inter, bias) for _ in range(layers))
+        self.model.norm = nn.LayerNorm(hidden)
+        self.lm_head = nn.Linear(hidden, VOCAB, bias=False)
+
+    def forward(self, input_ids):
+        x = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            x = layer(x)
+        return self.lm_head(self.model.norm(x))
+
+
+def tiny_mini(dtype=torch.float64, device="cpu", seed=0, **kw):
+    """3 blocks; grouped-query attention (4 query heads, 2 key/value heads, head_dim 16 so the
+    attention width 64 differs from hidden 48); biases everywhere."""
+    torch.manual_seed(seed)
+    m = MiniLlama(**kw).to(device=device, dtype=dtype)
+    _randomize(m, seed)
+    return m.eval()
 
 
 def tiny_llama(dtype=torch.float64, device="cpu", seed=0, **overrides):
@@ -56,6 +137,8 @@ def _randomize(model, seed):
 
 # What each architecture trains, and how its units map to weight rows/columns.
 ARCH = {
+    "mini": dict(make=tiny_mini, hd=16, rep=2, v="v_proj", o="o_proj", up="up_proj",
+                 down="down_proj"),
     "llama": dict(make=tiny_llama, hd=16, rep=2, v="v_proj", o="o_proj", up="up_proj",
                   down="down_proj"),
     "bert": dict(make=tiny_bert, hd=12, rep=1, v="self.value", o="output.dense",
@@ -70,6 +153,8 @@ def inputs(device, seed=3, batch=2, seq=7):
 
 def out(model, ids):
     o = model(input_ids=ids)
+    if isinstance(o, torch.Tensor):
+        return o
     return o.logits if hasattr(o, "logits") else o.last_hidden_state
 
 
@@ -95,7 +180,8 @@ def expected_slices(arch, sel):
     return res
 
 
-@pytest.fixture(params=list(ARCH))
+@pytest.fixture(params=["mini", pytest.param("llama", marks=needs_hf),
+                        pytest.param("bert", marks=needs_hf)])
 def arch(request):
     return request.param
 
@@ -160,7 +246,7 @@ def test_slice_gradients_match_dense(arch, device, heads, channels, seed):
 
 
 def test_train_bias_false(device):
-    model = tiny_llama(torch.float64, device)
+    model = tiny_mini(torch.float64, device)
     ref = copy.deepcopy(model)
     sel = s2ft.select(model, heads=0.5, channels=0.3, seed=4)
     s2ft.apply(model, sel, train_bias=False)
@@ -168,24 +254,24 @@ def test_train_bias_false(device):
     ids = inputs(device)
     loss_fn(out(model, ids)).backward()
     loss_fn(out(ref, ids)).backward()
-    for name, mode, idx in expected_slices("llama", sel):
+    for name, mode, idx in expected_slices("mini", sel):
         r = ref.get_submodule(name).weight.grad
         r = r[idx] if mode == "row" else r[:, idx].t()
         torch.testing.assert_close(model.get_submodule(name).weight_slice.grad, r, rtol=1e-10, atol=1e-12)
     with pytest.raises(TypeError, match="train_bias"):
-        s2ft.apply(tiny_llama(), sel, train_bias=1)
+        s2ft.apply(tiny_mini(), sel, train_bias=1)
 
 
 def test_float32_and_bfloat16_gradients(device):
     ids = inputs(device)
-    ref = tiny_llama(torch.float64, device)
+    ref = tiny_mini(torch.float64, device)
     sel = s2ft.select(ref, heads=0.5, channels=0.3, seed=2)
     dense = copy.deepcopy(ref)
     loss_fn(out(dense, ids)).backward()
     for dtype, rtol in ((torch.float32, 1e-4), (torch.bfloat16, 5e-2)):
         model = s2ft.apply(copy.deepcopy(ref).to(dtype), sel)
         loss_fn(out(model, ids)).backward()
-        for name, mode, idx in expected_slices("llama", sel):
+        for name, mode, idx in expected_slices("mini", sel):
             g = model.get_submodule(name).weight_slice.grad
             assert g.dtype == dtype
             r = dense.get_submodule(name).weight.grad
@@ -216,8 +302,7 @@ def test_no_full_weight_gradient_is_formed():
 
     Sizes chosen so that no activation, slice or slice gradient has the shape of a full weight
     (hidden 42; 6 query heads and 2 key/value heads of width 8; 72 channels; 14 tokens)."""
-    model = tiny_llama(hidden_size=42, num_attention_heads=6, num_key_value_heads=2, head_dim=8,
-                       intermediate_size=72)
+    model = tiny_mini(hidden=42, heads=6, kv_heads=2, head_dim=8, inter=72)
     ref = copy.deepcopy(model)
     weight_shapes = set()
     for m in model.modules():
@@ -310,7 +395,7 @@ def test_optimizer_step_updates_weights_in_place(arch, device):
 
 
 def test_gradient_accumulation(device):
-    model = tiny_llama(torch.float64, device)
+    model = tiny_mini(torch.float64, device)
     ref = copy.deepcopy(model)
     sel = s2ft.select(model, heads=0.5, channels=0.3, seed=7)
     s2ft.apply(model, sel)
@@ -319,7 +404,7 @@ def test_gradient_accumulation(device):
     first = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     loss_fn(out(model, b), seed=6).backward()
     (loss_fn(out(ref, a)) + loss_fn(out(ref, b), seed=6)).backward()
-    for name, mode, idx in expected_slices("llama", sel):
+    for name, mode, idx in expected_slices("mini", sel):
         g = model.get_submodule(name).weight_slice.grad
         r = ref.get_submodule(name).weight.grad
         r = r[idx] if mode == "row" else r[:, idx].t()
@@ -409,7 +494,7 @@ def test_export_load_round_trip(arch, device):
 
 
 def test_switching_adapters(device):
-    base = tiny_llama(torch.float64, device)
+    base = tiny_mini(torch.float64, device)
     base_sd = {k: v.clone() for k, v in base.state_dict().items()}
     sel_a = s2ft.select(base, heads=0.5, channels=0.3, seed=1)
     sel_b = s2ft.select(base, heads=0.5, channels=0.3, seed=2)
@@ -440,7 +525,7 @@ def test_switching_adapters(device):
 
 
 def test_deepcopy_and_dtype_conversion_keep_storage_sharing():
-    model = s2ft.apply(tiny_llama(), s2ft.select(tiny_llama(), heads=0.5, channels=0.3))
+    model = s2ft.apply(tiny_mini(), s2ft.select(tiny_mini(), heads=0.5, channels=0.3))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     clone = _train(copy.deepcopy(model), "cpu", steps=1)
     for k, v in model.state_dict().items():
@@ -465,7 +550,7 @@ def test_deepcopy_and_dtype_conversion_keep_storage_sharing():
 # --- selection --------------------------------------------------------------------------------------
 
 def test_select_counts_and_determinism():
-    model = tiny_llama()
+    model = tiny_mini()
     s1 = s2ft.select(model, heads=0.5, channels=0.1, seed=3)
     assert s1 == s2ft.select(model, heads=0.5, channels=0.1, seed=3)
     assert s1 != s2ft.select(model, heads=0.5, channels=0.1, seed=4)
@@ -479,7 +564,7 @@ def test_select_counts_and_determinism():
 
 
 def test_select_weight_norm_picks_largest():
-    model = tiny_llama()
+    model = tiny_mini()
     with torch.no_grad():
         model.model.layers[2].mlp.up_proj.weight[13].mul_(10)
         model.model.layers[1].self_attn.v_proj.weight[16:32].mul_(10)  # kv head 1 of block 1
@@ -495,17 +580,17 @@ def test_select_weight_norm_picks_largest():
 @pytest.mark.parametrize("bad", [0, 0.0, -0.1, 1.5, float("nan"), float("inf")])
 def test_ratio_out_of_range(name, bad):
     with pytest.raises(ValueError, match=name):
-        s2ft.select(tiny_llama(), **{name: bad})
+        s2ft.select(tiny_mini(), **{name: bad})
 
 
 @pytest.mark.parametrize("bad", [True, "0.1", [0.1]])
 def test_ratio_wrong_type(bad):
     with pytest.raises(TypeError, match="heads"):
-        s2ft.select(tiny_llama(), heads=bad)
+        s2ft.select(tiny_mini(), heads=bad)
 
 
 def test_other_errors():
-    model = tiny_llama()
+    model = tiny_mini()
     with pytest.raises(ValueError, match="model: no attention or feed-forward"):
         s2ft.select(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)))
     with pytest.raises(TypeError, match="model"):
@@ -528,9 +613,9 @@ def test_other_errors():
         s2ft.apply(model, empty)
     with pytest.raises(TypeError, match="selection"):
         s2ft.apply(model, sel.to_dict())
-    bert_sel = s2ft.select(tiny_bert(), heads=0.5, channels=0.3)
+    other_sel = s2ft.select(tiny_mini(layers=2), heads=0.5, channels=0.3)
     with pytest.raises(ValueError, match="selection: .*different model structure"):
-        s2ft.apply(model, bert_sel)
+        s2ft.apply(model, other_sel)
     bad_idx = s2ft.Selection({"model.layers.0.self_attn": (0, 2)}, {}, sel.head_counts, sel.channel_counts)
     with pytest.raises(ValueError, match=r"selection: heads\['model.layers.0.self_attn'\]"):
         s2ft.apply(model, bad_idx)
@@ -551,7 +636,7 @@ def test_other_errors():
 
 
 def test_bad_adapter_leaves_model_unchanged():
-    base = tiny_llama()
+    base = tiny_mini()
     model = _train(s2ft.apply(copy.deepcopy(base), s2ft.select(base, heads=0.5, channels=0.3)), "cpu")
     adapter = s2ft.export(model)
     target = copy.deepcopy(base)
@@ -572,7 +657,7 @@ def test_bad_adapter_leaves_model_unchanged():
     with pytest.raises(ValueError, match="adapter: its deltas do not match"):
         s2ft.load(target, broken)
     with pytest.raises(ValueError, match="selection: .*different model structure"):
-        s2ft.load(tiny_bert(), adapter)
+        s2ft.load(tiny_mini(inter=64), adapter)
     assert s2ft._state(target) is None
     for k, v in target.state_dict().items():
         assert torch.equal(v, before[k])
@@ -582,3 +667,62 @@ def test_ftops_exports_s2ft():
     assert "s2ft" in ftops.__all__ and ftops.s2ft is s2ft
     for fn in (s2ft.select, s2ft.apply, s2ft.export, s2ft.merge, s2ft.load, s2ft.unload):
         assert fn.__doc__ and len(fn.__doc__) > 80
+
+
+def test_ftops_fused_adamw_updates_slices_in_place(device):
+    """The slices are contiguous parameters, so ftops' fused AdamW kernel trains them directly."""
+    from ftops import _adamw
+
+    model = s2ft.apply(tiny_mini(torch.float32, device), s2ft.select(tiny_mini(), heads=0.5, channels=0.3))
+    twin = copy.deepcopy(model)
+    ids = inputs(device)
+    for m in (model, twin):
+        loss_fn(out(m, ids)).backward()
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert all(p.is_contiguous() for p in params)
+    m1 = [_adamw.zeros_moment(p) for p in params]
+    m2 = [_adamw.zeros_moment(p) for p in params]
+    _adamw.fused_adamw(params, [p.grad for p in params], m1, m2, lr=1e-2, beta1=0.9, beta2=0.999,
+                       eps=1e-8, weight_decay=0.01, step=1)
+    torch.optim.AdamW([p for p in twin.parameters() if p.requires_grad], lr=1e-2,
+                      weight_decay=0.01).step()
+    for (n, a), (_, b) in zip(model.state_dict().items(), twin.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
+    with torch.no_grad():
+        y, y_twin = out(model, ids), out(twin, ids)
+    torch.testing.assert_close(y, y_twin, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(model.model.layers[0].mlp.up_proj.weight,
+                           tiny_mini(torch.float32, device).model.layers[0].mlp.up_proj.weight)
+
+
+def test_state_dict_checkpoint_resume(device):
+    """A training checkpoint (model + optimizer state_dict) resumes on a freshly applied model."""
+    base = tiny_mini(torch.float64, device)
+    sel = s2ft.select(base, heads=0.5, channels=0.3, seed=8)
+    model = s2ft.apply(copy.deepcopy(base), sel)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = inputs(device)
+    loss_fn(out(model, ids)).backward()
+    opt.step()
+    opt.zero_grad()
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    resumed = s2ft.apply(copy.deepcopy(base), sel)
+    resumed.load_state_dict(ckpt["model"])
+    opt2 = torch.optim.AdamW([p for p in resumed.parameters() if p.requires_grad], lr=1e-2)
+    opt2.load_state_dict(ckpt["opt"])
+    for m, o in ((model, opt), (resumed, opt2)):
+        loss_fn(out(m, ids), seed=9).backward()
+        o.step()
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[k], v, rtol=1e-12, atol=1e-14)
+    # Still one storage per weight after load_state_dict.
+    up = resumed.model.layers[0].mlp.up_proj
+    if isinstance(up, s2ft.RowSliceLinear):
+        assert up.weight_slice.data_ptr() == up.weight.data_ptr()
+    # Exports agree, and are relative to the base model.
+    a, b = s2ft.export(model), s2ft.export(resumed)
+    for k in a["deltas"]:
+        torch.testing.assert_close(a["deltas"][k]["delta"], b["deltas"][k]["delta"], rtol=1e-12, atol=1e-14)
