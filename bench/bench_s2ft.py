@@ -426,8 +426,8 @@ def main(argv=None):
           f"model: {a.model}, LoRA: {a.lora_impl}")
     load1 = os.getloadavg()[0]
     if a.device == "cpu" and load1 > (os.cpu_count() or 1):
-        print(f"warning: load average {load1:.1f} exceeds the {os.cpu_count()} CPUs; timings will be "
-              "noisy (consider --threads 1)")
+        print(f"note: load average {load1:.1f} exceeds the {os.cpu_count()} CPUs; timings will be "
+              "noisy" + ("" if a.threads == 1 else " (consider --threads 1)"))
     print(f"S²FT heads={a.s2ft_heads} channels={a.s2ft_channels}; LoRA rank {lora_rank(a)} "
           f"(S²FT trainable ≈ {s2ft_trainable(a):,})", flush=True)
 
