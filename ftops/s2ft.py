@@ -647,7 +647,6 @@ class _Slice:
     name: str         # module path of the trained projection
     mode: str         # "row" or "col"
     index: torch.Tensor  # original row (row mode) / column (col mode) indices of the slice, in order
-    # each block permutes these projections: (module path, dim, index over that dim)
 
 
 @dataclass(frozen=True)
