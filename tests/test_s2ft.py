@@ -280,6 +280,27 @@ def test_float32_and_bfloat16_gradients(device):
             assert err < rtol, (name, dtype, err.item())
 
 
+def test_autocast_bfloat16(device):
+    """float32 weights under bf16 autocast: the slice gradients match dense autocast autograd."""
+    model = tiny_mini(torch.float32, device)
+    ref = copy.deepcopy(model)
+    sel = s2ft.select(model, heads=0.5, channels=0.3, seed=1)
+    s2ft.apply(model, sel)
+    ids = inputs(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16):
+        y, y_ref = out(model, ids), out(ref, ids)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, y_ref, rtol=2e-2, atol=2e-2)
+    loss_fn(y.float()).backward()
+    loss_fn(y_ref.float()).backward()
+    for name, mode, idx in expected_slices("mini", sel):
+        g = model.get_submodule(name).weight_slice.grad
+        r = ref.get_submodule(name).weight.grad
+        r = r[idx] if mode == "row" else r[:, idx].t()
+        assert g.dtype == torch.float32
+        assert (g - r).norm() <= 1e-2 * r.norm(), name
+
+
 class _ShapeLog(TorchDispatchMode):
     def __init__(self):
         super().__init__()
