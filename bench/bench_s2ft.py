@@ -18,7 +18,7 @@ step, zero_grad. Reported per method:
   possible to S²FT's (adapters on q/k/v/o/gate/up/down; peft when installed and the model is
   transformers', otherwise an equivalent builtin LoRA layer).
 
-The S²FT worker also times switching adapters on one model (``ftops.s2ft.load``): to an adapter
+The timing worker also times switching S²FT adapters on one model (``ftops.s2ft.load``): to an adapter
 with the same selection (only the slices are rewritten) and to one with a different selection
 (the blocks are re-permuted from one layout to the other, one pass per weight).
 
@@ -349,8 +349,6 @@ def memory_worker(a) -> dict:
     else:
         res["peak_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
     res["losses"] = [s["loss"] for s in steps]
-    if a.worker == "s2ft":
-        res["switch"] = time_switching(a, tr)
     return res
 
 
@@ -373,6 +371,8 @@ def timing_worker(a, methods) -> dict:
         med = {k: statistics.median(x[k] for x in rows[m]) for k in ("fwd", "bwd", "opt", "step")}
         res[m] = {"step_time_s": med["step"], "fwd_s": med["fwd"], "bwd_s": med["bwd"],
                   "opt_s": med["opt"], "step_times_s": [x["step"] for x in rows[m]]}
+    if "s2ft" in trainers:
+        res["s2ft"]["switch"] = time_switching(a, trainers["s2ft"])
     return res
 
 
