@@ -27,7 +27,7 @@ bench/results/s2ft.json (or --out). Usage::
 
     python bench/bench_s2ft.py                 # CPU: 8 blocks, hidden 1024, seq 256 (~168M params)
     python bench/bench_s2ft.py --quick         # CPU: 4 blocks, hidden 512, seq 128
-    python bench/bench_s2ft.py --device cuda   # 16 blocks, hidden 2048, seq 1024, batch 4
+    python bench/bench_s2ft.py --device cuda   # 12 blocks, hidden 2048, seq 1024, batch 2
     python bench/bench_s2ft.py --threads 1     # on a busy shared CPU machine
 """
 from __future__ import annotations
@@ -56,7 +56,7 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 SIZES = {
     ("cpu", False): (8, 1024, 2816, 16, 16, 32000, 256, 1, 1, 3),     # ~168M parameters
     ("cpu", True): (4, 512, 1408, 8, 8, 8000, 128, 1, 1, 2),          # --quick
-    ("cuda", False): (16, 2048, 5632, 16, 16, 32000, 1024, 4, 2, 5),  # ~940M parameters
+    ("cuda", False): (12, 2048, 5632, 16, 16, 32000, 1024, 2, 2, 5),  # ~740M parameters
     ("cuda", True): (8, 1024, 2816, 16, 16, 32000, 512, 2, 2, 5),
 }
 SIZE_ARGS = ("layers", "hidden", "intermediate", "heads", "kv_heads", "vocab", "seq", "batch",
