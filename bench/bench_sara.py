@@ -28,11 +28,12 @@ What is measured (issue 5, section 4):
   /proc/self/clear_refs``) after one warm-up step, so the number is the steady-state step peak
   (including optimizer state, which exists by then). CUDA: ``max_memory_allocated`` over the
   measured steps (stats reset after warm-up) minus ``memory_allocated`` with the model built.
-  On CPU the workers run with ``MALLOC_MMAP_THRESHOLD_=131072``: glibc's default threshold is
-  dynamic (it rises to the size of the largest freed block, after which freed tensors stay in the
-  heap and keep counting in RSS), which makes RSS depend on each method's allocation history
-  rather than on its live tensors; with a fixed threshold every tensor above 128 KiB is returned
-  to the system when freed. ``--malloc-default`` measures with glibc's default instead.
+  On CPU the workers run with ``MALLOC_MMAP_THRESHOLD_=65536 MALLOC_TRIM_THRESHOLD_=0``: glibc's
+  default threshold is dynamic (it rises to the size of the largest freed block, after which freed
+  tensors stay in the heap and keep counting in RSS), which makes RSS depend on each method's
+  allocation history rather than on its live tensors; with a fixed threshold every tensor of
+  64 KiB or more is returned to the system when freed. ``--malloc-default`` measures with glibc's
+  default instead.
   Time: median wall time of ``--steps`` steps (forward, backward, ``step``, ``zero_grad``) after
   the warm-up; CUDA synchronizes around each step.
 * SDDMM vs the dense weight-gradient GEMM ``dY^T X`` at 1%, 10%, 20% density, on the model's
@@ -66,7 +67,9 @@ import torch
 HERE = Path(__file__).resolve().parent
 THRESHOLD = 2e-3
 LAMBDA_RANK = 5e-4
-MMAP_THRESHOLD = 128 * 1024  # CPU workers: glibc mmap threshold, fixed (see the docstring)
+# CPU workers: glibc mmap threshold fixed (and no trimming delay), as in bench_s2ft.py: see the
+# module docstring.
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # hidden, intermediate, layers, heads, vocab, batch, seq
@@ -350,7 +353,7 @@ def main() -> int:
         t0 = time.perf_counter()
         env = dict(os.environ)
         if args.device == "cpu" and not args.malloc_default:
-            env.setdefault("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD))
+            env.update(MALLOC_ENV)
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             print(f"{method}: worker failed\n{proc.stderr[-3000:]}", file=sys.stderr)
@@ -390,8 +393,8 @@ def main() -> int:
     print("\nTargets:", ", ".join(f"{k}: {'met' if v else 'NOT met'}" for k, v in checks.items()))
 
     out = {"device": args.device, "config": cfg_name, "threads": torch.get_num_threads(),
-           "malloc_mmap_threshold": None if (args.device != "cpu" or args.malloc_default)
-           else os.environ.get("MALLOC_MMAP_THRESHOLD_", str(MMAP_THRESHOLD)),
+           "worker_malloc_env": None if (args.device != "cpu" or args.malloc_default)
+           else MALLOC_ENV,
            "torch": torch.__version__, "threshold": THRESHOLD, "lambda_rank": LAMBDA_RANK,
            "train_step": results, "sddmm": sd, "targets": checks}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
