@@ -31,4 +31,13 @@ TORCH_LIBRARY(ftops, m) {
   m.def("adam_direction_(Tensor[] grads, Tensor(a!)[] exp_avgs, Tensor(b!)[] exp_avg_sqs, "
         "Tensor(c!)[] out, float beta1, float beta2, float eps, int step, "
         "bool bias_correction=True) -> ()");
+
+  // --- SaRA ------------------------------------------------------------------------------------
+  // Sampled dense-dense matmul: out[k] = sum_t dy[t, rows[k]] * x[t, cols[k]] for dy (T, m),
+  // x (T, n) of one float dtype and index vectors rows/cols (int32 or int64, one dtype, length
+  // nnz); out has dy's dtype, sums accumulate in float32 (double for float64). This is the weight
+  // gradient dW = dy^T x of a linear layer sampled at (rows[k], cols[k]), without forming dW.
+  // Indices outside [0, m) / [0, n) raise.
+  m.def("sddmm(Tensor dy, Tensor x, Tensor rows, Tensor cols) -> Tensor");
 }
+

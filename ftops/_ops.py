@@ -68,6 +68,13 @@ def _(grads, exp_avgs, exp_avg_sqs, out, beta1, beta2, eps, step, bias_correctio
     return None
 
 
+@torch.library.register_fake("ftops::sddmm")
+def _(dy, x, rows, cols):
+    torch._check(dy.dim() == 2 and x.dim() == 2, lambda: "ftops.sddmm: dy and x must be 2-D")
+    torch._check(rows.dim() == 1 and cols.dim() == 1, lambda: "ftops.sddmm: rows/cols must be 1-D")
+    return dy.new_empty((rows.shape[0],))
+
+
 # --- typed wrappers --------------------------------------------------------------------------------
 
 MAX_SEEDS_PER_CALL = 8  # csrc/common/zo_args.h: kMaxSeedsPerCall
@@ -188,3 +195,16 @@ def adam_direction_(
     torch.ops.ftops.adam_direction_(list(grads), list(exp_avgs), list(exp_avg_sqs), list(out),
                                     float(beta1), float(beta2), float(eps), int(step),
                                     bool(bias_correction))
+
+
+def sddmm(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """Sampled dense-dense matmul: ``out[k] = sum_t dy[t, rows[k]] * x[t, cols[k]]``.
+
+    ``dy`` is (T, m) and ``x`` is (T, n), one float dtype (float32/float64/float16/bfloat16), any
+    strides; ``rows`` and ``cols`` are 1-D index vectors of one dtype (int32 or int64) and equal
+    length nnz, on the same device. Returns the nnz entries of ``dy.T @ x`` at ``(rows, cols)`` in
+    ``dy``'s dtype, without forming the (m, n) product; sums accumulate in float32 (float64 for
+    float64). Indices outside ``[0, m)`` / ``[0, n)`` raise. No autograd formula: this is the
+    weight-gradient kernel that SaRA's backward calls.
+    """
+    return torch.ops.ftops.sddmm(dy, x, rows, cols)

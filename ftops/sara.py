@@ -1,0 +1,663 @@
+"""SaRA: progressive sparse low-rank adaptation (Hu et al. 2024) with gradients only where it trains.
+
+SaRA fine-tunes the entries of the pretrained weights whose magnitude is below a threshold (the
+"ineffective" parameters), with a nuclear-norm penalty that keeps the learned sparse update low
+rank, and re-selects the trainable set once, half way through training.
+
+How ftops stores and trains it (per managed weight ``W`` of shape (m, n) or a conv kernel):
+
+* ``indices``: the flat (row-major) positions of the trainable entries, sorted, int32 when
+  ``W.numel() < 2**31`` (else int64).
+* ``values``: the trainable parameter (what the optimizer's ``param_groups`` hold), the *delta*
+  from the pretrained weight at those positions, zero at the start; float32 for float16/bfloat16
+  weights (a master copy: small updates of a half-precision delta would round away).
+* ``base``: the pretrained entries at those positions, ``W0.flatten()[indices]``.
+* ``W`` itself stays the module's live weight, frozen (``requires_grad=False``) and updated in
+  place after every step: ``W.flatten()[indices] = base + values``. The forward pass therefore
+  costs exactly what the plain layer costs (no dense ``W0 + scatter(values)`` rebuilt per call, no
+  second dense copy of the weight), and the fine-tuned model is always a plain model with ordinary
+  weights. Keeping ``base`` (one value per trainable entry) is what makes the sparse delta exact:
+  ``W[indices]`` is always computed as ``base + values`` in ``W``'s dtype, so
+  :func:`load` reproduces it bit for bit from the pretrained model and :meth:`SaRA.delta`.
+  Training the delta (rather than the absolute entries) also makes AdamW's weight decay pull
+  towards the pretrained weights, and makes the nuclear norm act on the update, which is zero
+  (rank 0) at the start.
+* Adam moments sized like ``values`` (float32, float64 for float64 weights), updated by the shared
+  fused AdamW kernel (``torch.ops.ftops.adamw_``) in one call for all weights.
+
+Gradients: Linear layers run through an autograd function whose backward computes ``dL/dx`` as
+usual and ``dL/dvalues = (dy^T x)[rows, cols]`` with the SDDMM kernel (``ftops.sddmm``), so the
+dense (m, n) weight gradient is never formed. Conv layers compute the dense weight gradient
+(``aten.convolution_backward``), gather it at the indices and free it at once. No ``.grad`` is
+ever kept for a managed weight; every other parameter of the model is frozen too (SaRA trains only
+the selected entries; :func:`unwrap` restores the original ``requires_grad`` flags).
+
+Nuclear norm: each step, one eligible matrix (a managed 2-D weight with min(m, n) > 64, picked
+uniformly at random by the optimizer's own generator) contributes ``lambda_rank * ||D||_*`` where
+``D`` is the sparse *delta* matrix: ``D[indices] = values``, zero elsewhere -- the paper's
+``W ⊙ M`` for the trainable part of the weight when that part is parameterized as an update of
+the pretrained weight. Its (sub)gradient ``U_r V_r^T`` (singular vectors of the nonzero singular
+values; zero for ``D = 0``) gathered at the indices is added to ``values.grad`` inside
+:meth:`SaRA.step`, before the Adam update, so it reaches the trainable values (in the reference
+code the rank loss does not). The dense ``D`` and its SVD exist only during that step, for one
+matrix.
+
+Progressive reselection (``progressive_iter``): after that many steps the active set of every
+weight becomes ``{|W_now| < threshold} ∩ current set`` (the current set is the initial one: the
+reselection happens once). Entries that leave the set keep their trained value for good (they are
+remembered as a frozen part of the delta). Adam state of the surviving entries is *carried*, not
+reset: the moments are per-coordinate statistics of the same loss along the same coordinates, and
+dropping other coordinates does not make them stale; resetting would restart the bias correction
+and give every survivor an update of size ~lr in the first steps after the switch (a jolt in the
+middle of training) for no benefit. The step counts are kept too.
+"""
+from __future__ import annotations
+
+import math
+import types
+from typing import Callable, Iterable, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import _ops
+from ._adamw import fused_adamw, moment_dtype
+
+__all__ = ["SaRA", "load", "unwrap", "paper_lr", "values_dtype", "nuclear_norm_grad", "sddmm"]
+
+sddmm = _ops.sddmm
+
+_FLOAT_TYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_ATTR = "_ftops_sara"
+_IDX_KEY = ".sara_indices"
+_VAL_KEY = ".sara_values"
+
+
+def paper_lr(threshold: float) -> float:
+    """The paper's learning-rate rule for a threshold: ``1e-3 * exp(-350 * threshold)``."""
+    return 1e-3 * math.exp(-350.0 * threshold)
+
+
+# --- autograd functions ----------------------------------------------------------------------------
+
+class _SparseLinear(torch.autograd.Function):
+    """y = x W^T + b where W already holds base + values at the indices; grads for x, b, values."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, values, indices):
+        ctx.save_for_backward(x, weight, indices)
+        ctx.has_bias = bias is not None
+        ctx.values_dtype = values.dtype
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy):
+        x, weight, indices = ctx.saved_tensors
+        m, n = weight.shape
+        gx = gb = gv = None
+        gy2 = gy.reshape(-1, m)
+        if ctx.needs_input_grad[0]:
+            gx = (gy2 @ weight.to(gy.dtype)).reshape(*gy.shape[:-1], n).to(x.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = gy2.sum(0)
+        if ctx.needs_input_grad[3]:
+            rows = torch.div(indices, n, rounding_mode="floor")
+            cols = indices - rows * n
+            gv = _ops.sddmm(gy2, x.reshape(-1, n).to(gy.dtype), rows, cols).to(ctx.values_dtype)
+        return gx, None, gb, gv, None
+
+
+class _SparseConv(torch.autograd.Function):
+    """torch.convolution; the weight gradient is computed dense, gathered at the indices, freed."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, values, indices, stride, padding, dilation, groups):
+        ctx.save_for_backward(x, weight, indices)
+        ctx.conf = (stride, padding, dilation, groups)
+        ctx.bias_sizes = None if bias is None else list(bias.shape)
+        ctx.values_dtype = values.dtype
+        zeros = [0] * len(stride)
+        return torch.convolution(x, weight, bias, stride, padding, dilation, False, zeros, groups)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy):
+        x, weight, indices = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conf
+        need_x, need_b, need_v = (ctx.needs_input_grad[0], ctx.needs_input_grad[2],
+                                  ctx.needs_input_grad[3])
+        if not (need_x or need_b or need_v):
+            return (None,) * 9
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            gy, x, weight, ctx.bias_sizes, stride, padding, dilation, False, [0] * len(stride),
+            groups, [need_x, need_v, need_b and ctx.bias_sizes is not None])
+        gv = None
+        if need_v:
+            gv = gw.reshape(-1)[indices].to(ctx.values_dtype)
+        del gw  # the dense weight gradient lives only for this gather
+        return gx, None, gb, gv, None, None, None, None, None
+
+
+def _linear_forward(self, input):
+    st = getattr(self, _ATTR)
+    return _SparseLinear.apply(input, self.weight, self.bias, st.values, st.indices)
+
+
+def _conv_forward(self, input):
+    st = getattr(self, _ATTR)
+    d = len(self.kernel_size)
+    unbatched = input.dim() == d + 1
+    if unbatched:
+        input = input.unsqueeze(0)
+    if self.padding_mode != "zeros":
+        input = F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+        padding = [0] * d
+    elif isinstance(self.padding, str):  # 'same' / 'valid': explicit symmetric padding
+        if self.padding == "valid":
+            padding = [0] * d
+        else:
+            pads = self._reversed_padding_repeated_twice  # (left, right) per dim, last dim first
+            lefts = [pads[2 * (d - 1 - i)] for i in range(d)]
+            rights = [pads[2 * (d - 1 - i) + 1] for i in range(d)]
+            if lefts != rights:
+                input = F.pad(input, pads)
+                padding = [0] * d
+            else:
+                padding = lefts
+    else:
+        padding = list(self.padding)
+    out = _SparseConv.apply(input, self.weight, self.bias, st.values, st.indices,
+                            list(self.stride), padding, list(self.dilation), self.groups)
+    return out.squeeze(0) if unbatched else out
+
+
+# --- per-weight bookkeeping ---------------------------------------------------------------------
+
+class _Managed:
+    """One SaRA-managed weight: the module, its live weight, indices, base and trainable values."""
+
+    def __init__(self, name, module, kind, indices, base, values, select_threshold, inclusive):
+        self.name = name  # the weight's parameter name in the model, e.g. "layers.0.q.weight"
+        self.module = module
+        self.kind = kind  # "linear" or "conv"
+        self.indices = indices
+        self.base = base
+        self.values = values
+        self.select_threshold = select_threshold
+        self.inclusive = inclusive  # fraction mode: |w| <= threshold stays selected
+        self.frozen_indices = indices.new_empty((0,))  # entries dropped by reselection
+        self.frozen_values = values.detach().new_empty((0,))
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.module.weight
+
+    def apply_(self) -> None:
+        """W.flatten()[indices] = base + values (summed in the values' dtype, rounded once to
+        W's dtype), in place (W is contiguous)."""
+        with torch.no_grad():
+            w = self.weight
+            w.view(-1)[self.indices] = (self.base + self.values.detach()).to(w.dtype)
+
+
+def values_dtype(weight_dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the trainable delta values for a weight dtype: float32 for float16/bfloat16
+    weights (a master copy of the delta, so that small updates are not lost to rounding), else the
+    weight dtype."""
+    return torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
+
+
+def _index_dtype(numel: int) -> torch.dtype:
+    return torch.int32 if numel < 2**31 else torch.int64
+
+
+def _select(w: torch.Tensor, threshold: Optional[float], fraction: Optional[float]):
+    """(sorted flat indices, the magnitude bound used for reselection, inclusive?)"""
+    flat = w.detach().reshape(-1)
+    itype = _index_dtype(flat.numel())
+    if fraction is not None:
+        k = max(1, int(round(fraction * flat.numel())))
+        mag = flat.abs()
+        if k >= flat.numel():
+            idx = torch.arange(flat.numel(), device=flat.device)
+        else:
+            idx = torch.topk(mag, k, largest=False, sorted=False).indices.sort().values
+        bound = mag[idx].max().item()
+        del mag
+        return idx.to(itype), bound, True
+    idx = (flat.abs() < threshold).nonzero().squeeze(1)
+    return idx.to(itype), threshold, False
+
+
+def _resolve_modules(model: nn.Module, modules) -> list[tuple[str, nn.Module]]:
+    named = list(model.named_modules())
+    supported = [(n, m) for n, m in named if isinstance(m, (nn.Linear,) + _CONV_TYPES)]
+    if modules is None:
+        return supported
+    if callable(modules):
+        return [(n, m) for n, m in supported if modules(n, m)]
+    if isinstance(modules, str):
+        modules = [modules]
+    by_name = dict(named)
+    out = []
+    for n in modules:
+        if n not in by_name:
+            raise ValueError(f"ftops.SaRA: modules names {n!r}, which is not a module of the model")
+        m = by_name[n]
+        if not isinstance(m, (nn.Linear,) + _CONV_TYPES):
+            raise TypeError(f"ftops.SaRA: module {n!r} is a {type(m).__name__}; SaRA applies to "
+                            "nn.Linear and nn.Conv1d/2d/3d weights")
+        out.append((n, m))
+    return out
+
+
+# --- the optimizer ------------------------------------------------------------------------------
+
+class SaRA(torch.optim.Optimizer):
+    """SaRA fine-tuning of ``model``: AdamW on the smallest-magnitude entries of its weights.
+
+    Args:
+        model: the model to fine-tune, already on its device; it is modified in place (managed
+            layers get a sparse-gradient forward, every parameter is frozen except the trainable
+            values, which live in this optimizer).
+        threshold: entries with ``|w| < threshold`` are trainable (one global threshold, as in the
+            paper). Also the bound for progressive reselection, and the input of the lr rule.
+        fraction: instead of the threshold, the smallest ``fraction`` of each weight's entries by
+            magnitude, in (0, 1] (reselection then keeps ``|w|`` at most the largest selected
+            magnitude of that weight); ``threshold`` then only feeds the ``lr=None`` rule.
+        lr: learning rate; ``None`` uses the paper's rule ``1e-3 * exp(-350 * threshold)``.
+        lambda_rank: weight of the nuclear-norm penalty on one random eligible delta matrix per
+            step (0 disables it).
+        progressive_iter: step count after which the trainable set is re-selected (once);
+            ``None`` never.
+        betas, eps, weight_decay: AdamW hyper-parameters (decoupled weight decay on the delta,
+            i.e. towards the pretrained weights).
+        modules: which layers: ``None`` for every ``nn.Linear`` and ``nn.Conv1d/2d/3d``, a
+            callable ``(name, module) -> bool`` filtering those, or a list of module names.
+        seed: seed of the generator that picks the nuclear-norm matrix each step.
+
+    The training loop is unchanged: ``loss.backward(); opt.step(); opt.zero_grad()``.
+    ``param_groups[0]["params"]`` are the trainable value vectors (one per managed weight, in
+    :attr:`names` order). :meth:`delta` returns the exact sparse update, :func:`load` applies it
+    to a fresh pretrained model, :meth:`unwrap` (or :func:`unwrap`) makes the model plain again.
+    """
+
+    def __init__(self, model: nn.Module, threshold: Optional[float] = 2e-3,
+                 fraction: Optional[float] = None, lr: Optional[float] = None,
+                 lambda_rank: float = 5e-4, progressive_iter: Optional[int] = None,
+                 betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0,
+                 eps: float = 1e-8,
+                 modules: Union[None, Callable[[str, nn.Module], bool], Sequence[str]] = None,
+                 seed: int = 0):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"ftops.SaRA: model must be an nn.Module, got {type(model).__name__}")
+        if fraction is not None:
+            if (not isinstance(fraction, (int, float)) or isinstance(fraction, bool)
+                    or not (0.0 < fraction <= 1.0)):
+                raise ValueError(f"ftops.SaRA: fraction must be in (0, 1], got {fraction!r}")
+        if threshold is not None or fraction is None:
+            if (not isinstance(threshold, (int, float)) or isinstance(threshold, bool)
+                    or not math.isfinite(threshold) or threshold <= 0):
+                raise ValueError(f"ftops.SaRA: threshold must be a finite number > 0, got "
+                                 f"{threshold!r}")
+        if lr is None:
+            lr = paper_lr(threshold if threshold is not None else 2e-3)
+        if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr >= 0):
+            raise ValueError(f"ftops.SaRA: lr must be a finite number >= 0, got {lr!r}")
+        if not (math.isfinite(lambda_rank) and lambda_rank >= 0):
+            raise ValueError(f"ftops.SaRA: lambda_rank must be finite and >= 0, got {lambda_rank!r}")
+        if progressive_iter is not None and (not isinstance(progressive_iter, int)
+                                             or progressive_iter < 1):
+            raise ValueError(f"ftops.SaRA: progressive_iter must be an int >= 1 or None, got "
+                             f"{progressive_iter!r}")
+        b1, b2 = betas
+        if not (0.0 <= b1 < 1.0 and 0.0 <= b2 < 1.0):
+            raise ValueError(f"ftops.SaRA: betas must be in [0, 1), got {betas!r}")
+        if not (eps >= 0 and math.isfinite(eps)):
+            raise ValueError(f"ftops.SaRA: eps must be finite and >= 0, got {eps!r}")
+        if not math.isfinite(weight_decay):
+            raise ValueError(f"ftops.SaRA: weight_decay must be finite, got {weight_decay!r}")
+
+        candidates = _resolve_modules(model, modules)
+        if not candidates:
+            raise ValueError("ftops.SaRA: the model has no eligible layers (nn.Linear or "
+                             "nn.Conv1d/2d/3d" + (" passing the modules filter" if modules is not
+                                                   None else "") + ")")
+        for mname, mod in candidates:
+            if getattr(mod, _ATTR, None) is not None:
+                raise ValueError(f"ftops.SaRA: module {mname!r} is already managed by a SaRA "
+                                 "optimizer (unwrap it first)")
+            w = mod.weight
+            if not isinstance(w, torch.Tensor) or w.dtype not in _FLOAT_TYPES:
+                raise TypeError(f"ftops.SaRA: {mname}.weight has dtype "
+                                f"{getattr(w, 'dtype', type(w).__name__)}; SaRA needs float32, "
+                                "float64, float16 or bfloat16 weights")
+        # A weight shared with another module (tied embeddings) would get gradients through a
+        # path SaRA does not see.
+        uses: dict[int, int] = {}
+        for _, p in model.named_parameters(remove_duplicate=False):
+            uses[id(p)] = uses.get(id(p), 0) + 1
+        for mname, mod in candidates:
+            if uses.get(id(mod.weight), 0) > 1:
+                raise ValueError(f"ftops.SaRA: {mname}.weight is shared with another module (tied "
+                                 "weights); exclude it with modules=")
+
+        selected = []
+        for mname, mod in candidates:
+            idx, bound, inclusive = _select(mod.weight, None if fraction is not None else
+                                            threshold, fraction)
+            if idx.numel() > 0:
+                selected.append((mname, mod, idx, bound, inclusive))
+        if not selected:
+            smallest = min(mod.weight.detach().abs().min().item() for _, mod in candidates)
+            raise ValueError(f"ftops.SaRA: threshold={threshold} selects no weight entry in any of "
+                             f"the {len(candidates)} eligible layers (the smallest |w| is "
+                             f"{smallest:.3g}); raise the threshold or pass fraction=")
+
+        # Nothing has been touched so far: now wrap.
+        self._frozen_flags = {id(p): (p, p.requires_grad) for p in model.parameters()}
+        for p in model.parameters():
+            p.requires_grad_(False)
+        managed = []
+        for mname, mod, idx, bound, inclusive in selected:
+            if not mod.weight.is_contiguous():
+                mod.weight.data = mod.weight.data.contiguous()
+            w = mod.weight
+            base = w.detach().reshape(-1)[idx].clone()
+            values = nn.Parameter(torch.zeros(base.shape, dtype=values_dtype(w.dtype),
+                                               device=base.device))
+            kind = "linear" if isinstance(mod, nn.Linear) else "conv"
+            mg = _Managed(mname + ".weight" if mname else "weight", mod, kind, idx, base, values,
+                          bound, inclusive)
+            setattr(mod, _ATTR, mg)
+            mod.forward = types.MethodType(_linear_forward if kind == "linear" else _conv_forward,
+                                           mod)
+            managed.append(mg)
+        self._managed = managed
+        self._model = model
+        self._gen = torch.Generator().manual_seed(int(seed))
+        defaults = dict(lr=lr, betas=(b1, b2), eps=eps, weight_decay=weight_decay,
+                        lambda_rank=lambda_rank, progressive_iter=progressive_iter,
+                        sara_step=0)
+        super().__init__([mg.values for mg in managed], defaults)
+        for mg in managed:
+            self._init_state(mg)
+
+    # -- info -----------------------------------------------------------------------------------
+
+    @property
+    def names(self) -> list[str]:
+        """Names of the managed weights, in ``param_groups[0]["params"]`` order."""
+        return [mg.name for mg in self._managed]
+
+    def num_trainable(self) -> int:
+        """The number of trainable entries now."""
+        return sum(mg.values.numel() for mg in self._managed)
+
+    def indices(self) -> dict[str, torch.Tensor]:
+        """The active flat indices of each managed weight (read-only views of the live state)."""
+        return {mg.name: mg.indices for mg in self._managed}
+
+    def _init_state(self, mg: _Managed) -> None:
+        st = self.state[mg.values]
+        md = moment_dtype(mg.values.dtype)
+        st["step"] = torch.tensor(0.0)
+        st["exp_avg"] = torch.zeros(mg.values.shape, dtype=md, device=mg.values.device)
+        st["exp_avg_sq"] = torch.zeros(mg.values.shape, dtype=md, device=mg.values.device)
+
+    def _check_open(self) -> None:
+        if self._managed is None:
+            raise RuntimeError("ftops.SaRA: this optimizer was unwrapped; the model is plain again")
+
+    # -- the step -------------------------------------------------------------------------------
+
+    def _eligible_for_rank(self) -> list[_Managed]:
+        return [mg for mg in self._managed
+                if mg.weight.dim() == 2 and min(mg.weight.shape) > 64 and mg.values.numel() > 0]
+
+    def _add_nuclear_grad(self, lam: float) -> Optional[str]:
+        eligible = self._eligible_for_rank()
+        if lam == 0 or not eligible:
+            return None
+        k = int(torch.randint(len(eligible), (1,), generator=self._gen).item())
+        mg = eligible[k]
+        g = nuclear_norm_grad(mg.values.detach(), mg.indices, tuple(mg.weight.shape))
+        if g is not None:
+            g.mul_(lam)
+            if mg.values.grad is None:
+                mg.values.grad = g.to(mg.values.dtype)
+            else:
+                mg.values.grad.add_(g.to(mg.values.dtype))
+        return mg.name
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One AdamW step on the trainable values (plus the nuclear-norm gradient), then the
+        weights are updated in place; at ``progressive_iter`` the trainable set is re-selected."""
+        self._check_open()
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        group = self.param_groups[0]
+        self._last_rank_matrix = self._add_nuclear_grad(float(group["lambda_rank"]))
+        params, grads, m1, m2, steps, touched = [], [], [], [], [], []
+        for mg in self._managed:
+            p = mg.values
+            if p.grad is None or p.numel() == 0:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError("ftops.SaRA: sparse gradients are not supported")
+            st = self.state[p]
+            params.append(p)
+            grads.append(p.grad if p.grad.is_contiguous() else p.grad.contiguous())
+            m1.append(st["exp_avg"])
+            m2.append(st["exp_avg_sq"])
+            steps.append(int(st["step"].item()) + 1)
+            touched.append(mg)
+        b1, b2 = group["betas"]
+        fused_adamw(params, grads, m1, m2, lr=group["lr"], beta1=b1, beta2=b2, eps=group["eps"],
+                    weight_decay=group["weight_decay"], step=steps)
+        for mg, s in zip(touched, steps):
+            self.state[mg.values]["step"].fill_(float(s))
+            mg.apply_()
+        group["sara_step"] += 1
+        pit = group["progressive_iter"]
+        if pit is not None and group["sara_step"] == pit:
+            self.reselect()
+        return loss
+
+    def reselect(self) -> None:
+        """Progressive reselection (normally called by :meth:`step` at ``progressive_iter``):
+        the active set of each weight becomes ``|W_now| < threshold`` (``<=`` in fraction mode)
+        intersected with the current set. Dropped entries keep their trained values (frozen);
+        the survivors keep their values, Adam moments and step counts."""
+        self._check_open()
+        with torch.no_grad():
+            for mg in self._managed:
+                p = mg.values
+                w_now = mg.weight.reshape(-1)[mg.indices].abs()
+                keep = w_now <= mg.select_threshold if mg.inclusive else w_now < mg.select_threshold
+                del w_now
+                if bool(keep.all()):
+                    continue
+                drop = ~keep
+                fi = torch.cat([mg.frozen_indices, mg.indices[drop]])
+                fv = torch.cat([mg.frozen_values, p.detach()[drop]])
+                order = fi.argsort()
+                mg.frozen_indices, mg.frozen_values = fi[order], fv[order]
+                st = self.state[p]
+                st["exp_avg"] = st["exp_avg"][keep].contiguous()
+                st["exp_avg_sq"] = st["exp_avg_sq"][keep].contiguous()
+                mg.indices = mg.indices[keep].contiguous()
+                mg.base = mg.base[keep].contiguous()
+                p.grad = None
+                p.data = p.detach()[keep].contiguous()
+
+    # -- save / load / unwrap -------------------------------------------------------------------
+
+    def delta(self) -> dict[str, torch.Tensor]:
+        """The exact sparse update as a plain dict of tensors (safe for ``torch.save`` with
+        ``weights_only`` loading, and for safetensors): for each managed weight ``name``,
+        ``name + ".sara_indices"`` (sorted flat row-major indices, int32 or int64) and
+        ``name + ".sara_values"`` (the deltas: the weight's dtype, float32 for float16/bfloat16
+        weights). Apply with :func:`load`."""
+        self._check_open()
+        out = {}
+        for mg in self._managed:
+            idx = torch.cat([mg.frozen_indices, mg.indices])
+            val = torch.cat([mg.frozen_values, mg.values.detach()])
+            if mg.frozen_indices.numel():
+                order = idx.argsort()
+                idx, val = idx[order], val[order]
+            out[mg.name + _IDX_KEY] = idx.clone()
+            out[mg.name + _VAL_KEY] = val.clone()
+        return out
+
+    def state_dict(self):
+        sd = super().state_dict()
+        for i, mg in enumerate(self._managed or []):
+            st = sd["state"].setdefault(i, {})
+            st["indices"] = mg.indices
+            st["base"] = mg.base
+            st["values"] = mg.values.detach()
+            st["frozen_indices"] = mg.frozen_indices
+            st["frozen_values"] = mg.frozen_values
+        sd["sara_rng"] = self._gen.get_state()
+        return sd
+
+    def load_state_dict(self, state_dict):
+        """Restores moments, steps, the trainable sets and the values; the active entries of the
+        managed weights are then set to ``base + values``. Entries frozen by a reselection are not
+        in the optimizer state: load the model's own ``state_dict`` too (as with any optimizer)."""
+        self._check_open()
+        rng = state_dict.get("sara_rng")
+        extra = {}
+        sd_state = {}
+        for k, st in state_dict["state"].items():
+            st = dict(st)
+            extra[int(k)] = {key: st.pop(key) for key in
+                             ("indices", "base", "values", "frozen_indices", "frozen_values")
+                             if key in st}
+            sd_state[k] = st
+        if len(extra) != len(self._managed) or any(len(e) != 5 for e in extra.values()):
+            raise ValueError("ftops.SaRA.load_state_dict: the state dict does not hold the "
+                             f"indices/values of {len(self._managed)} managed weights")
+        # Sizes change with the trainable sets: resize the values before the base class checks.
+        for i, mg in enumerate(self._managed):
+            e = extra[i]
+            if e["indices"].numel() and int(e["indices"].max()) >= mg.weight.numel():
+                raise ValueError(f"ftops.SaRA.load_state_dict: indices out of range for {mg.name}")
+            mg.values.grad = None
+            mg.values.data = e["values"].to(mg.values.dtype, copy=True).to(mg.values.device)
+        super().load_state_dict({"state": sd_state, "param_groups": state_dict["param_groups"]})
+        if rng is not None:
+            self._gen.set_state(rng)
+        for i, mg in enumerate(self._managed):
+            e = extra[i]
+            dev = mg.values.device
+            mg.indices = e["indices"].to(dev, copy=True)
+            mg.base = e["base"].to(device=dev, dtype=mg.weight.dtype, copy=True)
+            mg.frozen_indices = e["frozen_indices"].to(dev, copy=True)
+            mg.frozen_values = e["frozen_values"].to(device=dev, dtype=mg.values.dtype, copy=True)
+            st = self.state[mg.values]
+            md = moment_dtype(mg.values.dtype)
+            for key in ("exp_avg", "exp_avg_sq"):  # torch casts floating state to the param dtype
+                st[key] = st[key].to(md).contiguous()
+            st["step"] = torch.as_tensor(st["step"], dtype=torch.float32).cpu()
+            mg.apply_()  # idempotent when the model's own state_dict was loaded as well
+
+    def unwrap(self) -> nn.Module:
+        """Make the model plain again (the weights already hold the fine-tuned values): restores
+        the layers' forward methods and the parameters' ``requires_grad`` flags. The optimizer
+        cannot step afterwards; :meth:`delta` must be taken before."""
+        if self._managed is None:
+            return self._model
+        for mg in self._managed:
+            mod = mg.module
+            if "forward" in mod.__dict__:
+                del mod.forward
+            if hasattr(mod, _ATTR):
+                delattr(mod, _ATTR)
+        for p, flag in self._frozen_flags.values():
+            p.requires_grad_(flag)
+        self._managed = None
+        self.state.clear()
+        return self._model
+
+    merge = unwrap
+
+
+def nuclear_norm_grad(values: torch.Tensor, indices: torch.Tensor, shape: tuple[int, int]):
+    """Gradient of ``||D||_*`` w.r.t. the entries of the sparse matrix ``D`` (``D[indices] =
+    values``, zero elsewhere), gathered at the indices: ``(U_r V_r^T)[indices]`` over the singular
+    triplets with nonzero singular value (the minimum-norm subgradient); ``None`` when ``D = 0``.
+    Computed in float32 (float64 for float64 values)."""
+    if values.numel() == 0 or not bool(values.any()):
+        return None
+    m, n = shape
+    dt = torch.float64 if values.dtype == torch.float64 else torch.float32
+    D = torch.zeros(m * n, dtype=dt, device=values.device)
+    D[indices] = values.to(dt)
+    U, S, Vh = torch.linalg.svd(D.view(m, n), full_matrices=False)
+    del D
+    tol = S[0] * max(m, n) * torch.finfo(dt).eps
+    r = int((S > tol).sum().item())
+    G = U[:, :r] @ Vh[:r]
+    return G.view(-1)[indices].clone()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Make a model that a :class:`SaRA` optimizer manages plain again (see :meth:`SaRA.unwrap`).
+    Does not restore ``requires_grad`` flags (only the optimizer knows them)."""
+    for mod in model.modules():
+        if getattr(mod, _ATTR, None) is not None:
+            if "forward" in mod.__dict__:
+                del mod.forward
+            delattr(mod, _ATTR)
+    return model
+
+
+def load(base_model: nn.Module, delta: dict[str, torch.Tensor]) -> nn.Module:
+    """Apply a :meth:`SaRA.delta` to a freshly loaded pretrained model, in place, and return it.
+
+    For every weight in the delta, ``W.flatten()[indices] = W.flatten()[indices] + values``
+    (summed in the values' dtype, rounded once to W's dtype), computed exactly as during training,
+    so the result equals the fine-tuned model bit for bit.
+    Everything is checked before any weight is written."""
+    params = dict(base_model.named_parameters())
+    plan = []
+    names = sorted({k[:-len(_IDX_KEY)] for k in delta if k.endswith(_IDX_KEY)} |
+                   {k[:-len(_VAL_KEY)] for k in delta if k.endswith(_VAL_KEY)})
+    unknown = [k for k in delta if not (k.endswith(_IDX_KEY) or k.endswith(_VAL_KEY))]
+    if unknown:
+        raise ValueError(f"ftops.sara.load: unexpected keys in the delta: {unknown[:5]}")
+    for name in names:
+        ik, vk = name + _IDX_KEY, name + _VAL_KEY
+        if ik not in delta or vk not in delta:
+            raise ValueError(f"ftops.sara.load: the delta has only one of {ik!r} / {vk!r}")
+        if name not in params:
+            raise ValueError(f"ftops.sara.load: the model has no parameter {name!r}")
+        w = params[name]
+        idx, val = delta[ik], delta[vk]
+        if idx.dtype not in (torch.int32, torch.int64) or idx.dim() != 1:
+            raise TypeError(f"ftops.sara.load: {ik} must be a 1-D int32/int64 tensor")
+        if val.shape != idx.shape:
+            raise ValueError(f"ftops.sara.load: {vk} has shape {list(val.shape)} but {ik} has "
+                             f"{list(idx.shape)}")
+        if val.dtype != values_dtype(w.dtype):
+            raise TypeError(f"ftops.sara.load: {vk} has dtype {val.dtype} but the deltas of "
+                            f"{w.dtype} weight {name} are {values_dtype(w.dtype)}")
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= w.numel()):
+            raise ValueError(f"ftops.sara.load: {ik} has entries outside [0, {w.numel()})")
+        if not w.is_contiguous():
+            raise ValueError(f"ftops.sara.load: {name} is not contiguous")
+        plan.append((w, idx.to(w.device), val.to(w.device)))
+    with torch.no_grad():
+        for w, idx, val in plan:
+            flat = w.view(-1)
+            flat[idx] = (flat[idx] + val).to(w.dtype)
+    return base_model
