@@ -14,7 +14,8 @@ TORCH_LIBRARY(ftops, m) {
   // ids[k]))` maps to params[k] (bit-exact wherever that map is injective; see
   // csrc/common/zo_undo.h), then params[k] = round(t_k + sum_s coeffs[s*K + k] * z(seeds[s],
   // ids[k]) - decay[k] * t_k), rounded to nearest even, or with ties toward +inf when
-  // `invertible` (so that a later zo_undo_axpby_ can undo it exactly). 0 to 8 seeds; an apply
+  // `invertible` (so that a later zo_undo_axpby_ can undo it exactly). undo_coeffs[k] = 0:
+  // t_k = params[k] (nothing to undo). 0 to 8 seeds; an apply
   // seed equal to undo_seed reuses the undo noise (no extra noise generation).
   m.def("zo_undo_axpby_(Tensor(a!)[] params, int undo_seed, float[] undo_coeffs, int[] seeds, "
         "int[] ids, float[] coeffs, float[] decay, bool invertible=False) -> ()");

@@ -137,7 +137,7 @@ def zo_undo_axpby_(
        in float32 (float64 for float64), rounded once: to nearest even as :func:`zo_axpby_`, or
        with ties toward +inf when ``invertible`` (a perturbation that a later call undoes).
 
-    ``undo_coeffs[k] = 0`` undoes nothing. 0 to 8 ``seeds``; a seed equal to ``undo_seed`` reuses
+    ``undo_coeffs[k] = 0`` undoes nothing (t = params[k] as is). 0 to 8 ``seeds``; a seed equal to ``undo_seed`` reuses
     the undo noise, so undo-and-reperturb with the same seed costs one noise generation. Same
     tensor rules as :func:`zo_axpby_`. See csrc/common/zo_undo.h.
     """

@@ -97,28 +97,38 @@ FTOPS_HD typename FBits<T>::U step_bits(typename FBits<T>::U b, int k) {
 
 // round(v + t) to scalar_t, to nearest with ties toward +infinity. For float32/float64 the
 // exact sum is v + t (TwoSum gives its rounding error exactly); for half types it is the
-// float32 sum (which is what the kernels round, as zo_axpby_ does).
+// float32 sum (which is what the kernels round, as zo_axpby_ does). A tie rounded to nearest
+// even went down iff the error e is > 0 and s + 2e is the next representable value above s
+// (for a smaller e > 0, s + 2e lies strictly between s and that value).
 template <typename scalar_t, typename acc_t>
 FTOPS_HD typename FBits<scalar_t>::U round_up_ties_bits(acc_t v, acc_t t) {
   using B = FBits<scalar_t>;
-  using U = typename B::U;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
     const acc_t s = v + t;
     const acc_t bb = s - v;
     const acc_t err = (v - (s - bb)) + (t - bb);  // (v + t) - s, exactly
-    const U sb = B::get(s);
-    const U ub = step_bits<scalar_t>(sb, 1);
-    const bool tie = (err > acc_t(0)) & (err + err == B::make(ub) - s);
-    return tie ? ub : sb;
+    const acc_t w = s + (err + err);
+    const bool tie = (err > acc_t(0)) & (w - s == err + err);
+    return B::get(tie ? w : s);
   } else {
     const acc_t y = v + t;
     const scalar_t s = static_cast<scalar_t>(y);  // ties to even
     const acc_t sf = static_cast<acc_t>(s);
     const acc_t e = y - sf;  // exact
-    const U sb = B::get(s);
-    const U ub = step_bits<scalar_t>(sb, 1);
-    const bool tie = (e > acc_t(0)) & (e + e == static_cast<acc_t>(B::make(ub)) - sf);
-    return tie ? ub : sb;
+    const acc_t w = sf + (e + e);  // exact: both are multiples of e's ulp, and small
+    const scalar_t ws = static_cast<scalar_t>(w);
+    const bool tie = (e > acc_t(0)) & (static_cast<acc_t>(ws) == w);
+    return tie ? B::get(ws) : B::get(s);
+  }
+}
+
+// F(0) = round_up_ties(0 + a).
+template <typename scalar_t, typename acc_t>
+FTOPS_HD typename FBits<scalar_t>::U round_up_ties_of_zero_bits(acc_t a) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    return FBits<scalar_t>::get(acc_t(0) + a);  // exact
+  } else {
+    return round_up_ties_bits<scalar_t, acc_t>(acc_t(0), a);
   }
 }
 
@@ -145,10 +155,25 @@ FTOPS_HD typename FBits<scalar_t>::U zo_undo_bits(scalar_t p, acc_t a) {
   const U cb = step_bits<scalar_t>(qb, go_up ? 1 : -1);
   const bool c_ok =
       round_up_ties_bits<scalar_t, acc_t>(static_cast<acc_t>(B::make(cb)), a) == pb;
-  const bool zero_ok = round_up_ties_bits<scalar_t, acc_t>(acc_t(0), a) == pb;
+  const bool zero_ok = round_up_ties_of_zero_bits<scalar_t, acc_t>(a) == pb;
   U best = (!q_ok & c_ok) ? cb : qb;
   best = zero_ok ? U(0) : best;
   return best;
+}
+
+// The same result without the neighbour, valid where `miss` comes back false (q or 0 is a
+// preimage: all but a handful of elements per million); elsewhere call zo_undo_bits.
+template <typename scalar_t, typename acc_t>
+FTOPS_HD typename FBits<scalar_t>::U zo_undo_bits_fast(scalar_t p, acc_t a, bool& miss) {
+  using B = FBits<scalar_t>;
+  using U = typename B::U;
+  const U pb = B::get(p);
+  const scalar_t q = static_cast<scalar_t>(static_cast<acc_t>(p) - a);
+  const U qb = B::get(q);
+  const bool q_ok = round_up_ties_bits<scalar_t, acc_t>(static_cast<acc_t>(q), a) == pb;
+  const bool zero_ok = round_up_ties_of_zero_bits<scalar_t, acc_t>(a) == pb;
+  miss = !q_ok & !zero_ok;
+  return zero_ok ? U(0) : qb;
 }
 
 // The pass's own change from the recovered value v: v + (acc - d v), rounded once, either to

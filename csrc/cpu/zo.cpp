@@ -115,7 +115,7 @@ FTOPS_CLONES void axpby_blocks(scalar_t* p, int64_t numel, const NoiseKey* keys,
 // zo_undo_axpby_ on blocks [b0, b1) of one tensor: recover t from p = F(t) (F: + u*z_undo,
 // rounded with ties up; csrc/common/zo_undo.h), then p = round(t + (sum_s c_s z_s - d t)).
 // The undo noise is generated once per block and reused for apply seed number `shared`.
-template <typename scalar_t, typename acc_t, bool kInvertible>
+template <typename scalar_t, typename acc_t, bool kInvertible, bool kUndo>
 FTOPS_CLONES void undo_axpby_blocks(scalar_t* p, int64_t numel, NoiseKey ukey, acc_t u,
                                     const NoiseKey* keys, const acc_t* coeffs, int64_t n_seeds,
                                     int64_t shared, acc_t d, int64_t b0, int64_t b1) {
@@ -126,8 +126,10 @@ FTOPS_CLONES void undo_axpby_blocks(scalar_t* p, int64_t numel, NoiseKey ukey, a
   alignas(64) acc_t acc[kBlock];
   alignas(64) U bits[kBlock];
   for (int64_t b = b0; b < b1; ++b) {
-    block_normals(ukey, b, zu);
-    for (int64_t j = 0; j < kBlock; ++j) a[j] = undo_offset<acc_t>(u, zu[j]);
+    if (kUndo || shared >= 0) block_normals(ukey, b, zu);
+    if constexpr (kUndo) {
+      for (int64_t j = 0; j < kBlock; ++j) a[j] = undo_offset<acc_t>(u, zu[j]);
+    }
     for (int64_t j = 0; j < kBlock; ++j) acc[j] = acc_t(0);
     for (int64_t s = 0; s < n_seeds; ++s) {
       const float* zs = zu;
@@ -141,7 +143,21 @@ FTOPS_CLONES void undo_axpby_blocks(scalar_t* p, int64_t numel, NoiseKey ukey, a
     const int64_t start = b * kBlock;
     const int64_t n = std::min<int64_t>(kBlock, numel - start);
     scalar_t* q = p + start;
-    for (int64_t j = 0; j < n; ++j) bits[j] = zo_undo_bits<scalar_t, acc_t>(q[j], a[j]);
+    // Fast path (q or 0 is a preimage) for the whole block, branch-free; the full candidate
+    // search only for the rare block where some element needs it. Same result either way.
+    int miss_any = 0;
+    if constexpr (!kUndo) {  // undo coefficient 0: nothing to undo
+      for (int64_t j = 0; j < n; ++j) bits[j] = FBits<scalar_t>::get(q[j]);
+    } else {
+      for (int64_t j = 0; j < n; ++j) {
+      bool miss;
+        bits[j] = zo_undo_bits_fast<scalar_t, acc_t>(q[j], a[j], miss);
+        miss_any |= static_cast<int>(miss);
+      }
+    }
+    if (miss_any) {
+      for (int64_t j = 0; j < n; ++j) bits[j] = zo_undo_bits<scalar_t, acc_t>(q[j], a[j]);
+    }
     for (int64_t j = 0; j < n; ++j) {
       const acc_t v = static_cast<acc_t>(FBits<scalar_t>::make(bits[j]));
       q[j] = zo_apply_value<scalar_t, acc_t, kInvertible>(v, acc[j], d);
@@ -200,12 +216,20 @@ void zo_undo_axpby_cpu(at::TensorList params, int64_t undo_seed, at::ArrayRef<do
         const acc_t* cs = pick<acc_t>(coeffs_f, coeffs_d) + k * S;
         const acc_t u = static_cast<acc_t>(undo_coeffs[k]);
         const acc_t d = static_cast<acc_t>(decay[k]);
-        if (invertible) {
-          undo_axpby_blocks<scalar_t, acc_t, true>(p.data_ptr<scalar_t>(), p.numel(), ukeys[k], u,
-                                                   &keys[k * S], cs, S, shared, d, lb0, lb1);
+        scalar_t* ptr = p.data_ptr<scalar_t>();
+        const NoiseKey* ks = keys.data() + k * S;
+        if (invertible && u != acc_t(0)) {
+          undo_axpby_blocks<scalar_t, acc_t, true, true>(ptr, p.numel(), ukeys[k], u, ks, cs, S,
+                                                         shared, d, lb0, lb1);
+        } else if (invertible) {
+          undo_axpby_blocks<scalar_t, acc_t, true, false>(ptr, p.numel(), ukeys[k], u, ks, cs, S,
+                                                          shared, d, lb0, lb1);
+        } else if (u != acc_t(0)) {
+          undo_axpby_blocks<scalar_t, acc_t, false, true>(ptr, p.numel(), ukeys[k], u, ks, cs, S,
+                                                          shared, d, lb0, lb1);
         } else {
-          undo_axpby_blocks<scalar_t, acc_t, false>(p.data_ptr<scalar_t>(), p.numel(), ukeys[k], u,
-                                                    &keys[k * S], cs, S, shared, d, lb0, lb1);
+          undo_axpby_blocks<scalar_t, acc_t, false, false>(ptr, p.numel(), ukeys[k], u, ks, cs, S,
+                                                           shared, d, lb0, lb1);
         }
       });
       b = stop;

@@ -94,10 +94,13 @@ __global__ void zo_undo_axpby_kernel(const ZoUndoLaunch args) {
     int k = 0;
     while (b.first_group[k + 1] <= g) ++k;
     const int64_t lg = g - b.first_group[k];
-    float zu[4];
-    noise_normals(make_noise_key(args.undo_seed, b.id[k]), static_cast<uint64_t>(lg), zu[0], zu[1],
-                  zu[2], zu[3]);
     const acc_t u = static_cast<acc_t>(args.undo_coeff[k]);
+    const bool undo = u != acc_t(0);  // undo coefficient 0: nothing to undo
+    float zu[4] = {0.f, 0.f, 0.f, 0.f};
+    if (undo || args.shared >= 0) {
+      noise_normals(make_noise_key(args.undo_seed, b.id[k]), static_cast<uint64_t>(lg), zu[0],
+                    zu[1], zu[2], zu[3]);
+    }
     acc_t acc[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
     for (int s = 0; s < b.n_seeds; ++s) {
       float z[4] = {zu[0], zu[1], zu[2], zu[3]};
@@ -116,15 +119,19 @@ __global__ void zo_undo_axpby_kernel(const ZoUndoLaunch args) {
       Vec4<scalar_t> x = *reinterpret_cast<const Vec4<scalar_t>*>(p);
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        const acc_t v = static_cast<acc_t>(
-            FBits<scalar_t>::make(zo_undo_bits<scalar_t, acc_t>(x.v[j], undo_offset<acc_t>(u, zu[j]))));
+        const scalar_t t =
+            undo ? FBits<scalar_t>::make(zo_undo_bits<scalar_t, acc_t>(x.v[j], undo_offset<acc_t>(u, zu[j])))
+                 : x.v[j];
+        const acc_t v = static_cast<acc_t>(t);
         x.v[j] = zo_apply_value<scalar_t, acc_t, kInvertible>(v, acc[j], d);
       }
       *reinterpret_cast<Vec4<scalar_t>*>(p) = x;
     } else {
       for (int j = 0; j < 4 && j < n; ++j) {
-        const acc_t v = static_cast<acc_t>(
-            FBits<scalar_t>::make(zo_undo_bits<scalar_t, acc_t>(p[j], undo_offset<acc_t>(u, zu[j]))));
+        const scalar_t t =
+            undo ? FBits<scalar_t>::make(zo_undo_bits<scalar_t, acc_t>(p[j], undo_offset<acc_t>(u, zu[j])))
+                 : p[j];
+        const acc_t v = static_cast<acc_t>(t);
         p[j] = zo_apply_value<scalar_t, acc_t, kInvertible>(v, acc[j], d);
       }
     }
