@@ -6,14 +6,17 @@
 // unlike ties-to-even it commutes with shifts by a whole number of ulps, so F is injective
 // wherever t and F(t) have the same spacing (RNE makes two neighbours collide at every exact
 // tie, which for float32 params and |a| ~ |t|/8 happens for 1 element in 8). F is monotone
-// non-decreasing, so the values t with F(t) == p form an interval; the undo returns
-//     +0                 when F(0) == p (p carries no information about t beyond "close to 0"),
-//     q = T(p - a)       when F(q) == p,
-//     the neighbour of q on the side where F(q) misses p, when that one maps to p,
-//     q                  otherwise (p was not produced by F: nothing better is known).
-// Wherever F is injective at t (t and t +- 1 ulp map to different values) the undo returns t
-// bit for bit; where rounding merged several t into one p (|a| crossing into a coarser binade,
-// |a| >> |t|) it returns one of them, never a value with the wrong sign.
+// non-decreasing, so the values t with F(t) == p form an interval; the undo takes
+//     base = +0          when F(0) == p (p carries no information about t beyond "close to 0"),
+//            q = T(p - a) when F(q) == p,
+//            the neighbour of q on the side where F(q) misses p, when that one maps to p,
+//            q            otherwise (p was not produced by F: nothing better is known),
+// then returns base's neighbour on the side of the exact p - a instead when that is a preimage and
+// has more trailing zero bits (a canonical member of a merged interval; see
+// undo_prefer_simpler). Wherever F is injective at t (t and t +- 1 ulp map to different
+// values) the undo returns t bit for bit; where rounding merged several t into one p (|a|
+// crossing into a coarser binade, |a| >> |t|) it returns one of them, never one with the
+// wrong sign.
 //
 // Everything is IEEE +, -, *, compares and integer ops on the bit patterns, with no contraction
 // into FMAs (CPU: -ffp-contract=off; CUDA: --fmad=false), so CPU and CUDA agree bit for bit.
@@ -139,6 +142,46 @@ FTOPS_HD acc_t undo_offset(acc_t u, float z) {
   return acc_t(0) + u * static_cast<acc_t>(z);
 }
 
+// r = pv - a rounded, and its rounding error exactly (TwoSum): for float32 params r is q itself,
+// so only the error tells on which side of q the exact p - a lies.
+template <typename acc_t>
+FTOPS_HD acc_t sub_err(acc_t pv, acc_t a, acc_t r) {
+  const acc_t na = -a;
+  const acc_t bb = r - pv;
+  return (pv - (r - bb)) + (na - bb);
+}
+
+// How "simple" a value is: its lowest set magnitude bit (more trailing zeros: a coarser grid
+// point), zero the simplest of all.
+template <typename T>
+FTOPS_HD typename FBits<T>::U simplicity(typename FBits<T>::U b) {
+  using U = typename FBits<T>::U;
+  constexpr U S = FBits<T>::kSign;
+  const U m = static_cast<U>(b & static_cast<U>(~S));
+  const U low = static_cast<U>(m & static_cast<U>(U(0) - m));
+  return m == U(0) ? S : low;
+}
+
+// The last step of the undo: `base` (a preimage of pb unless !base_ok) or its neighbour on the
+// side of p - a (= r + r_err exactly), whichever is the simpler preimage. Where rounding
+// merged values (the preimages form an interval of 2 or more), this picks a canonical member,
+// so that an element
+// that lost information once is mapped to the same value when it loses it again instead of
+// random-walking (at most a 1-ulp change per element from a binade crossing, not a drift).
+template <typename scalar_t, typename acc_t>
+FTOPS_HD typename FBits<scalar_t>::U undo_prefer_simpler(typename FBits<scalar_t>::U base,
+                                                         bool base_ok, acc_t r, acc_t r_err,
+                                                         acc_t a, typename FBits<scalar_t>::U pb) {
+  using B = FBits<scalar_t>;
+  using U = typename B::U;
+  const acc_t bv = static_cast<acc_t>(B::make(base));
+  const bool up = (r > bv) | ((r == bv) & (r_err > acc_t(0)));
+  const U nb = step_bits<scalar_t>(base, up ? 1 : -1);
+  const bool n_ok = round_up_ties_bits<scalar_t, acc_t>(static_cast<acc_t>(B::make(nb)), a) == pb;
+  const bool take = n_ok & (!base_ok | (simplicity<scalar_t>(nb) > simplicity<scalar_t>(base)));
+  return take ? nb : base;
+}
+
 // Recovers t from p = round_up_ties(t + a) (see the top of this file); returns the bits.
 template <typename scalar_t, typename acc_t>
 FTOPS_HD typename FBits<scalar_t>::U zo_undo_bits(scalar_t p, acc_t a) {
@@ -146,7 +189,8 @@ FTOPS_HD typename FBits<scalar_t>::U zo_undo_bits(scalar_t p, acc_t a) {
   using U = typename B::U;
   const U pb = B::get(p);
   const acc_t pv = static_cast<acc_t>(p);
-  const scalar_t q = static_cast<scalar_t>(pv - a);
+  const acc_t r = pv - a;
+  const scalar_t q = static_cast<scalar_t>(r);
   const U qb = B::get(q);
   const U fq = round_up_ties_bits<scalar_t, acc_t>(static_cast<acc_t>(q), a);
   const bool q_ok = fq == pb;
@@ -156,24 +200,28 @@ FTOPS_HD typename FBits<scalar_t>::U zo_undo_bits(scalar_t p, acc_t a) {
   const bool c_ok =
       round_up_ties_bits<scalar_t, acc_t>(static_cast<acc_t>(B::make(cb)), a) == pb;
   const bool zero_ok = round_up_ties_of_zero_bits<scalar_t, acc_t>(a) == pb;
-  U best = (!q_ok & c_ok) ? cb : qb;
-  best = zero_ok ? U(0) : best;
-  return best;
+  const U base = zero_ok ? U(0) : ((!q_ok & c_ok) ? cb : qb);
+  return undo_prefer_simpler<scalar_t, acc_t>(base, zero_ok | q_ok | c_ok, r,
+                                              sub_err<acc_t>(pv, a, r), a, pb);
 }
 
-// The same result without the neighbour, valid where `miss` comes back false (q or 0 is a
-// preimage: all but a handful of elements per million); elsewhere call zo_undo_bits.
+// The same result without the search for q's neighbour, valid where `miss` comes back false
+// (q or 0 is a preimage: all but a handful of elements per million); elsewhere call
+// zo_undo_bits.
 template <typename scalar_t, typename acc_t>
 FTOPS_HD typename FBits<scalar_t>::U zo_undo_bits_fast(scalar_t p, acc_t a, bool& miss) {
   using B = FBits<scalar_t>;
   using U = typename B::U;
   const U pb = B::get(p);
-  const scalar_t q = static_cast<scalar_t>(static_cast<acc_t>(p) - a);
+  const acc_t pv = static_cast<acc_t>(p);
+  const acc_t r = pv - a;
+  const scalar_t q = static_cast<scalar_t>(r);
   const U qb = B::get(q);
   const bool q_ok = round_up_ties_bits<scalar_t, acc_t>(static_cast<acc_t>(q), a) == pb;
   const bool zero_ok = round_up_ties_of_zero_bits<scalar_t, acc_t>(a) == pb;
   miss = !q_ok & !zero_ok;
-  return zero_ok ? U(0) : qb;
+  return undo_prefer_simpler<scalar_t, acc_t>(zero_ok ? U(0) : qb, true, r,
+                                              sub_err<acc_t>(pv, a, r), a, pb);
 }
 
 // The pass's own change from the recovered value v: v + (acc - d v), rounded once, either to
