@@ -137,12 +137,17 @@ def test_noise_like_is_the_added_noise(device):
     torch.testing.assert_close(frozen.detach(), torch.ones(5, device=device), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("cycles,max_ulps,min_exact", [(1, 1, 0.99), (50, 8, 0.95)])
-def test_restore_at_lr_zero(device, dtype, cycles, max_ulps, min_exact):
+@pytest.mark.parametrize("scale,cycles,min_exact", [(1.0, 1, 0.99), (1.0, 50, 0.98), (0.02, 50, 0.75)])
+def test_restore_at_lr_zero(device, dtype, scale, cycles, min_exact):
     """The undo is exact wherever the perturbation's rounding was injective: most elements come
-    back bit for bit, the rest (a value pushed into a coarser binade, or swamped by |eps z|) off
-    by less than half an ulp of the perturbed value per cycle, never with the wrong sign."""
+    back bit for bit (measured: 99% after 50 cycles for N(0, 1) weights, 79% for N(0, 0.02)
+    weights, where eps z crosses binades more often), the rest (a value pushed into a coarser
+    binade, or swamped by |eps z|) within about an ulp of the perturbed value, never with the
+    wrong sign."""
     params = make_params(device, dtype, shapes=((4097,), (7, 9)))
+    with torch.no_grad():
+        for p in params:
+            p.mul_(scale)
     base = [p.detach().clone() for p in params]
     opt = MeZO(params, lr=0.0, eps=1e-3, seed=0)
     for _ in range(cycles):
@@ -151,10 +156,10 @@ def test_restore_at_lr_zero(device, dtype, cycles, max_ulps, min_exact):
     exact = float((p == b).double().mean())
     assert exact >= min_exact, exact
     assert not bool((p * b < 0).any())
-    # no element moved by more than a few ulp of the perturbed value (|b| + eps |z|, |z| < 6)
+    # no element moved by more than ~an ulp of the perturbed value (|b| + eps |z|, |z| < 6)
     ulp = torch.finfo(dtype).eps * (b.double().abs() + 1e-3 * 6)
     drift = (p.double() - b.double()).abs()
-    assert bool((drift <= max_ulps * ulp).all()), float((drift / ulp).max())
+    assert bool((drift <= 3 * ulp).all()), float((drift / ulp).max())
 
 
 def test_converges_least_squares(device):
