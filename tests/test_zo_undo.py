@@ -91,7 +91,7 @@ def ref_undo(p, a):
     bb = r - pv  # exact error of r = pv - a (TwoSum)
     r_err = (pv - (r - bb)) + (-a - bb)
     bv = base.to(a.dtype)
-    up = (r > bv) | ((r == bv) & (r_err > 0))
+    up = (r - bv) + r_err > 0
     n = torch.where(up, step(base, 1), step(base, -1))
     n_ok = bits(F(n, a)) == bits(p)
     take = n_ok & (~base_ok | (simplicity(n) > simplicity(base)))

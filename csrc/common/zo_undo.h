@@ -42,6 +42,8 @@ struct FBits<float> {
   static constexpr U kSign = 0x80000000u;
   FTOPS_HD static U get(float x) { return float_to_bits(x); }
   FTOPS_HD static float make(U b) { return bits_to_float(b); }
+  FTOPS_HD static float to_f(U b) { return bits_to_float(b); }
+  FTOPS_HD static U from_f(float f) { return float_to_bits(f); }
 };
 
 template <>
@@ -66,7 +68,45 @@ struct FBits<double> {
     return x;
 #endif
   }
+  FTOPS_HD static double to_f(U b) { return make(b); }
+  FTOPS_HD static U from_f(double f) { return get(f); }
 };
+
+// Conversions between the half types' bits and float32, branch-free (so that the CPU loops
+// vectorize, which c10's conversions with their NaN branches do not) and bit-identical to
+// c10's (IEEE round to nearest even; exact widening). fp16 ones: the FP16 library's
+// algorithms that c10 itself falls back to (they need no denormal flushing, which neither
+// the CPU build nor the CUDA build (no --use_fast_math) enables).
+FTOPS_HD float bf16_bits_to_float(uint16_t b) { return bits_to_float(static_cast<uint32_t>(b) << 16); }
+
+FTOPS_HD uint16_t float_to_bf16_bits(float f) {
+  const uint32_t u = float_to_bits(f);
+  const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return (f != f) ? uint16_t(0x7fc0u) : static_cast<uint16_t>(r);
+}
+
+FTOPS_HD float half_bits_to_float(uint16_t h) {
+  const uint32_t w = static_cast<uint32_t>(h) << 16;
+  const uint32_t sign = w & 0x80000000u;
+  const uint32_t two_w = w + w;
+  const float normalized = bits_to_float((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+  const float denormalized = bits_to_float((two_w >> 17) | (126u << 23)) - 0.5f;
+  const uint32_t mag = two_w < (1u << 27) ? float_to_bits(denormalized) : float_to_bits(normalized);
+  return bits_to_float(sign | mag);
+}
+
+FTOPS_HD uint16_t float_to_half_bits(float f) {
+  const uint32_t w = float_to_bits(f);
+  float base = (bits_to_float(w & 0x7fffffffu) * 0x1.0p+112f) * 0x1.0p-110f;
+  const uint32_t shl1_w = w + w;
+  const uint32_t sign = w & 0x80000000u;
+  uint32_t bias = shl1_w & 0xFF000000u;
+  bias = bias < 0x71000000u ? 0x71000000u : bias;
+  base = bits_to_float((bias >> 1) + 0x07800000u) + base;
+  const uint32_t bits = float_to_bits(base);
+  const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+  return static_cast<uint16_t>((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+}
 
 template <>
 struct FBits<c10::Half> {
@@ -74,6 +114,8 @@ struct FBits<c10::Half> {
   static constexpr U kSign = 0x8000u;
   FTOPS_HD static U get(c10::Half x) { return x.x; }
   FTOPS_HD static c10::Half make(U b) { return c10::Half(b, c10::Half::from_bits()); }
+  FTOPS_HD static float to_f(U b) { return half_bits_to_float(b); }
+  FTOPS_HD static U from_f(float f) { return float_to_half_bits(f); }
 };
 
 template <>
@@ -82,6 +124,8 @@ struct FBits<c10::BFloat16> {
   static constexpr U kSign = 0x8000u;
   FTOPS_HD static U get(c10::BFloat16 x) { return x.x; }
   FTOPS_HD static c10::BFloat16 make(U b) { return c10::BFloat16(b, c10::BFloat16::from_bits()); }
+  FTOPS_HD static float to_f(U b) { return bf16_bits_to_float(b); }
+  FTOPS_HD static U from_f(float f) { return float_to_bf16_bits(f); }
 };
 
 // The bit pattern k representable values above (k < 0: below) the value with bits b, through
@@ -90,12 +134,19 @@ struct FBits<c10::BFloat16> {
 // harmless, since a NaN never equals a finite result.
 template <typename T>
 FTOPS_HD typename FBits<T>::U step_bits(typename FBits<T>::U b, int k) {
+  // Branch-free (plain integer arithmetic, so the CPU loops stay vectorized).
   using U = typename FBits<T>::U;
   constexpr U S = FBits<T>::kSign;
+  constexpr int kTop = 8 * sizeof(U) - 1;
+  const U neg = static_cast<U>(b >> kTop);
+  const U mask = static_cast<U>(U(0) - neg);
   const U mag = static_cast<U>(b & static_cast<U>(~S));
-  const U o = (b & S) ? static_cast<U>(U(0) - mag) : mag;
+  const U o = static_cast<U>(static_cast<U>(mag ^ mask) - mask);  // two's complement order
   const U o2 = static_cast<U>(o + static_cast<U>(k));
-  return (o2 & S) ? static_cast<U>(S | static_cast<U>(U(0) - o2)) : o2;
+  const U neg2 = static_cast<U>(o2 >> kTop);
+  const U mask2 = static_cast<U>(U(0) - neg2);
+  const U mag2 = static_cast<U>(static_cast<U>(o2 ^ mask2) - mask2);
+  return static_cast<U>(mag2 | static_cast<U>(neg2 << kTop));
 }
 
 // round(v + t) to scalar_t, to nearest with ties toward +infinity. For float32/float64 the
@@ -115,13 +166,13 @@ FTOPS_HD typename FBits<scalar_t>::U round_up_ties_bits(acc_t v, acc_t t) {
     return B::get(tie ? w : s);
   } else {
     const acc_t y = v + t;
-    const scalar_t s = static_cast<scalar_t>(y);  // ties to even
-    const acc_t sf = static_cast<acc_t>(s);
+    const auto sb = B::from_f(y);  // ties to even
+    const acc_t sf = B::to_f(sb);
     const acc_t e = y - sf;  // exact
     const acc_t w = sf + (e + e);  // exact: both are multiples of e's ulp, and small
-    const scalar_t ws = static_cast<scalar_t>(w);
-    const bool tie = (e > acc_t(0)) & (static_cast<acc_t>(ws) == w);
-    return tie ? B::get(ws) : B::get(s);
+    const auto wb = B::from_f(w);
+    const bool tie = (e > acc_t(0)) & (B::to_f(wb) == w);
+    return tie ? wb : sb;
   }
 }
 
@@ -159,7 +210,8 @@ FTOPS_HD typename FBits<T>::U simplicity(typename FBits<T>::U b) {
   constexpr U S = FBits<T>::kSign;
   const U m = static_cast<U>(b & static_cast<U>(~S));
   const U low = static_cast<U>(m & static_cast<U>(U(0) - m));
-  return m == U(0) ? S : low;
+  const U is_zero = static_cast<U>(m == U(0));
+  return static_cast<U>(low | static_cast<U>(S & static_cast<U>(U(0) - is_zero)));
 }
 
 // The last step of the undo: `base` (a preimage of pb unless !base_ok) or its neighbour on the
@@ -174,31 +226,31 @@ FTOPS_HD typename FBits<scalar_t>::U undo_prefer_simpler(typename FBits<scalar_t
                                                          acc_t a, typename FBits<scalar_t>::U pb) {
   using B = FBits<scalar_t>;
   using U = typename B::U;
-  const acc_t bv = static_cast<acc_t>(B::make(base));
-  const bool up = (r > bv) | ((r == bv) & (r_err > acc_t(0)));
+  const acc_t bv = B::to_f(base);
+  // sign of the exact (p - a) - base: r - bv is exact, and |r_err| <= ulp(r)/2 only decides it
+  // when r == bv (one compare: a compound condition here defeats the CPU vectorizer)
+  const bool up = (r - bv) + r_err > acc_t(0);
   const U nb = step_bits<scalar_t>(base, up ? 1 : -1);
-  const bool n_ok = round_up_ties_bits<scalar_t, acc_t>(static_cast<acc_t>(B::make(nb)), a) == pb;
+  const bool n_ok = round_up_ties_bits<scalar_t, acc_t>(B::to_f(nb), a) == pb;
   const bool take = n_ok & (!base_ok | (simplicity<scalar_t>(nb) > simplicity<scalar_t>(base)));
   return take ? nb : base;
 }
 
 // Recovers t from p = round_up_ties(t + a) (see the top of this file); returns the bits.
 template <typename scalar_t, typename acc_t>
-FTOPS_HD typename FBits<scalar_t>::U zo_undo_bits(scalar_t p, acc_t a) {
+FTOPS_HD typename FBits<scalar_t>::U zo_undo_bits(typename FBits<scalar_t>::U pb, acc_t a) {
   using B = FBits<scalar_t>;
   using U = typename B::U;
-  const U pb = B::get(p);
-  const acc_t pv = static_cast<acc_t>(p);
+  const acc_t pv = B::to_f(pb);
   const acc_t r = pv - a;
-  const scalar_t q = static_cast<scalar_t>(r);
-  const U qb = B::get(q);
-  const U fq = round_up_ties_bits<scalar_t, acc_t>(static_cast<acc_t>(q), a);
+  const U qb = B::from_f(r);
+  const U fq = round_up_ties_bits<scalar_t, acc_t>(B::to_f(qb), a);
   const bool q_ok = fq == pb;
   // F is monotone: if F(q) is below p, the preimage lies above q.
-  const bool go_up = static_cast<acc_t>(B::make(fq)) < pv;
+  const bool go_up = B::to_f(fq) < pv;
   const U cb = step_bits<scalar_t>(qb, go_up ? 1 : -1);
   const bool c_ok =
-      round_up_ties_bits<scalar_t, acc_t>(static_cast<acc_t>(B::make(cb)), a) == pb;
+      round_up_ties_bits<scalar_t, acc_t>(B::to_f(cb), a) == pb;
   const bool zero_ok = round_up_ties_of_zero_bits<scalar_t, acc_t>(a) == pb;
   const U base = zero_ok ? U(0) : ((!q_ok & c_ok) ? cb : qb);
   return undo_prefer_simpler<scalar_t, acc_t>(base, zero_ok | q_ok | c_ok, r,
@@ -209,15 +261,14 @@ FTOPS_HD typename FBits<scalar_t>::U zo_undo_bits(scalar_t p, acc_t a) {
 // (q or 0 is a preimage: all but a handful of elements per million); elsewhere call
 // zo_undo_bits.
 template <typename scalar_t, typename acc_t>
-FTOPS_HD typename FBits<scalar_t>::U zo_undo_bits_fast(scalar_t p, acc_t a, bool& miss) {
+FTOPS_HD typename FBits<scalar_t>::U zo_undo_bits_fast(typename FBits<scalar_t>::U pb, acc_t a,
+                                                       bool& miss) {
   using B = FBits<scalar_t>;
   using U = typename B::U;
-  const U pb = B::get(p);
-  const acc_t pv = static_cast<acc_t>(p);
+  const acc_t pv = B::to_f(pb);
   const acc_t r = pv - a;
-  const scalar_t q = static_cast<scalar_t>(r);
-  const U qb = B::get(q);
-  const bool q_ok = round_up_ties_bits<scalar_t, acc_t>(static_cast<acc_t>(q), a) == pb;
+  const U qb = B::from_f(r);
+  const bool q_ok = round_up_ties_bits<scalar_t, acc_t>(B::to_f(qb), a) == pb;
   const bool zero_ok = round_up_ties_of_zero_bits<scalar_t, acc_t>(a) == pb;
   miss = !q_ok & !zero_ok;
   return undo_prefer_simpler<scalar_t, acc_t>(zero_ok ? U(0) : qb, true, r,
@@ -227,12 +278,12 @@ FTOPS_HD typename FBits<scalar_t>::U zo_undo_bits_fast(scalar_t p, acc_t a, bool
 // The pass's own change from the recovered value v: v + (acc - d v), rounded once, either to
 // nearest even (as zo_axpby_) or with ties up (a perturbation that a later pass will undo).
 template <typename scalar_t, typename acc_t, bool kInvertible>
-FTOPS_HD scalar_t zo_apply_value(acc_t v, acc_t acc, acc_t d) {
+FTOPS_HD typename FBits<scalar_t>::U zo_apply_bits(acc_t v, acc_t acc, acc_t d) {
   const acc_t t = acc - d * v;
   if constexpr (kInvertible) {
-    return FBits<scalar_t>::make(round_up_ties_bits<scalar_t, acc_t>(v, t));
+    return round_up_ties_bits<scalar_t, acc_t>(v, t);
   } else {
-    return static_cast<scalar_t>(v + t);
+    return FBits<scalar_t>::from_f(v + t);
   }
 }
 

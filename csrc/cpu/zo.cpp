@@ -142,15 +142,16 @@ FTOPS_CLONES void undo_axpby_blocks(scalar_t* p, int64_t numel, NoiseKey ukey, a
     }
     const int64_t start = b * kBlock;
     const int64_t n = std::min<int64_t>(kBlock, numel - start);
-    scalar_t* q = p + start;
+    // Work on the bit patterns (a load of c10::Half/BFloat16 as a struct does not vectorize).
+    U* q = reinterpret_cast<U*>(p + start);
     // Fast path (q or 0 is a preimage) for the whole block, branch-free; the full candidate
     // search only for the rare block where some element needs it. Same result either way.
     int miss_any = 0;
     if constexpr (!kUndo) {  // undo coefficient 0: nothing to undo
-      for (int64_t j = 0; j < n; ++j) bits[j] = FBits<scalar_t>::get(q[j]);
+      for (int64_t j = 0; j < n; ++j) bits[j] = q[j];
     } else {
       for (int64_t j = 0; j < n; ++j) {
-      bool miss;
+        bool miss;
         bits[j] = zo_undo_bits_fast<scalar_t, acc_t>(q[j], a[j], miss);
         miss_any |= static_cast<int>(miss);
       }
@@ -159,8 +160,7 @@ FTOPS_CLONES void undo_axpby_blocks(scalar_t* p, int64_t numel, NoiseKey ukey, a
       for (int64_t j = 0; j < n; ++j) bits[j] = zo_undo_bits<scalar_t, acc_t>(q[j], a[j]);
     }
     for (int64_t j = 0; j < n; ++j) {
-      const acc_t v = static_cast<acc_t>(FBits<scalar_t>::make(bits[j]));
-      q[j] = zo_apply_value<scalar_t, acc_t, kInvertible>(v, acc[j], d);
+      q[j] = zo_apply_bits<scalar_t, acc_t, kInvertible>(FBits<scalar_t>::to_f(bits[j]), acc[j], d);
     }
   }
 }

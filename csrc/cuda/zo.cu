@@ -119,20 +119,18 @@ __global__ void zo_undo_axpby_kernel(const ZoUndoLaunch args) {
       Vec4<scalar_t> x = *reinterpret_cast<const Vec4<scalar_t>*>(p);
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        const scalar_t t =
-            undo ? FBits<scalar_t>::make(zo_undo_bits<scalar_t, acc_t>(x.v[j], undo_offset<acc_t>(u, zu[j])))
-                 : x.v[j];
-        const acc_t v = static_cast<acc_t>(t);
-        x.v[j] = zo_apply_value<scalar_t, acc_t, kInvertible>(v, acc[j], d);
+        const auto pb = FBits<scalar_t>::get(x.v[j]);
+        const auto tb = undo ? zo_undo_bits<scalar_t, acc_t>(pb, undo_offset<acc_t>(u, zu[j])) : pb;
+        x.v[j] = FBits<scalar_t>::make(
+            zo_apply_bits<scalar_t, acc_t, kInvertible>(FBits<scalar_t>::to_f(tb), acc[j], d));
       }
       *reinterpret_cast<Vec4<scalar_t>*>(p) = x;
     } else {
       for (int j = 0; j < 4 && j < n; ++j) {
-        const scalar_t t =
-            undo ? FBits<scalar_t>::make(zo_undo_bits<scalar_t, acc_t>(p[j], undo_offset<acc_t>(u, zu[j])))
-                 : p[j];
-        const acc_t v = static_cast<acc_t>(t);
-        p[j] = zo_apply_value<scalar_t, acc_t, kInvertible>(v, acc[j], d);
+        const auto pb = FBits<scalar_t>::get(p[j]);
+        const auto tb = undo ? zo_undo_bits<scalar_t, acc_t>(pb, undo_offset<acc_t>(u, zu[j])) : pb;
+        p[j] = FBits<scalar_t>::make(
+            zo_apply_bits<scalar_t, acc_t, kInvertible>(FBits<scalar_t>::to_f(tb), acc[j], d));
       }
     }
   }
