@@ -9,6 +9,16 @@ TORCH_LIBRARY(ftops, m) {
   // over all tensors in one pass; z(seed, id) is the counter-based normal noise of
   // csrc/common/philox.h. 1 to 8 seeds per call.
   m.def("zo_axpby_(Tensor(a!)[] params, int[] seeds, int[] ids, float[] coeffs, float[] decay) -> ()");
+  // The same pass preceded by an exact undo of the previous perturbation pass, in one pass:
+  // t_k = the value that a perturbation pass `round_up_ties(t + undo_coeffs[k] * z(undo_seed,
+  // ids[k]))` maps to params[k] (bit-exact wherever that map is injective; see
+  // csrc/common/zo_undo.h), then params[k] = round(t_k + sum_s coeffs[s*K + k] * z(seeds[s],
+  // ids[k]) - decay[k] * t_k), rounded to nearest even, or with ties toward +inf when
+  // `invertible` (so that a later zo_undo_axpby_ can undo it exactly). undo_coeffs[k] = 0:
+  // t_k = params[k] (nothing to undo). 0 to 8 seeds; an apply
+  // seed equal to undo_seed reuses the undo noise (no extra noise generation).
+  m.def("zo_undo_axpby_(Tensor(a!)[] params, int undo_seed, float[] undo_coeffs, int[] seeds, "
+        "int[] ids, float[] coeffs, float[] decay, bool invertible=False) -> ()");
   // The float32 noise z(seed, index) shaped like `like` (on like's device).
   m.def("zo_noise(Tensor like, int seed, int index) -> Tensor");
   // The raw Philox uint32 words behind it, as int64, flattened (for cross-device checks).

@@ -47,6 +47,11 @@ def _(params, seeds, ids, coeffs, decay):
     return None
 
 
+@torch.library.register_fake("ftops::zo_undo_axpby_")
+def _(params, undo_seed, undo_coeffs, seeds, ids, coeffs, decay, invertible=False):
+    return None
+
+
 @torch.library.register_fake("ftops::zo_noise")
 def _(like, seed, index):
     return torch.empty(like.shape, dtype=torch.float32, device=like.device)
@@ -115,6 +120,54 @@ def zo_axpby_(
                 f"{op}: params[{k}] must be a dense (strided) tensor, got layout {p.layout}"
             )
     torch.ops.ftops.zo_axpby_(params, seeds, ids, coeffs, decay)
+
+
+def zo_undo_axpby_(
+    params: Sequence[torch.Tensor],
+    undo_seed: int,
+    undo_coeffs: Sequence[float],
+    seeds: Sequence[int],
+    ids: Sequence[int],
+    coeffs: Sequence[float],
+    decay: Sequence[float],
+    invertible: bool = False,
+) -> None:
+    """Undo the previous perturbation exactly, then apply a :func:`zo_axpby_` step, in one pass.
+
+    For every k, with ``a = undo_coeffs[k] * z(undo_seed, ids[k])``:
+
+    1. ``t`` = the value that the perturbation ``F(t) = round_up_ties(t + a)`` maps to
+       ``params[k]`` (``round_up_ties``: to nearest, ties toward +inf), i.e. the unperturbed
+       value, bit for bit wherever F is injective; where rounding merged several values (a
+       perturbation into a coarser binade, ``|a| >> |t|``) one of them, +0 if 0 is one;
+    2. ``params[k] = round(t + (sum_s coeffs[s*K + k] * z(seeds[s], ids[k]) - decay[k] * t))``,
+       in float32 (float64 for float64), rounded once: to nearest even as :func:`zo_axpby_`, or
+       with ties toward +inf when ``invertible`` (a perturbation that a later call undoes).
+
+    ``undo_coeffs[k] = 0`` undoes nothing (t = params[k] as is). 0 to 8 ``seeds``; a seed equal to ``undo_seed`` reuses
+    the undo noise, so undo-and-reperturb with the same seed costs one noise generation. Same
+    tensor rules as :func:`zo_axpby_`. See csrc/common/zo_undo.h.
+    """
+    params, seeds, ids = list(params), list(seeds), list(ids)
+    undo_coeffs, coeffs, decay = list(undo_coeffs), list(coeffs), list(decay)
+    op = "ftops.zo_undo_axpby_"
+    if not params:
+        for name, arg in (("undo_coeffs", undo_coeffs), ("ids", ids), ("decay", decay),
+                          ("coeffs", coeffs)):
+            if arg:
+                raise RuntimeError(f"{op}: {name} has {len(arg)} entries but params is empty")
+        if len(seeds) > MAX_SEEDS_PER_CALL:
+            raise RuntimeError(
+                f"{op}: seeds must have 0 to {MAX_SEEDS_PER_CALL} entries, got {len(seeds)}"
+            )
+        return
+    for k, p in enumerate(params):
+        if isinstance(p, torch.Tensor) and p.layout != torch.strided:
+            raise RuntimeError(
+                f"{op}: params[{k}] must be a dense (strided) tensor, got layout {p.layout}"
+            )
+    torch.ops.ftops.zo_undo_axpby_(params, int(undo_seed), undo_coeffs, seeds, ids, coeffs, decay,
+                                   bool(invertible))
 
 
 def zo_noise(like: torch.Tensor, seed: int, index: int) -> torch.Tensor:

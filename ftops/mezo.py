@@ -6,6 +6,14 @@ never stored: it is regenerated from a seed by the counter-based kernels (csrc/c
 and the perturbation, the restore and the update run in place over all parameters at once. The
 restore is fused with the update (or with the next sample's perturbation), so a step makes 3
 passes over the parameters where the reference makes 4.
+
+Exact restore: a perturbation rounds ``θ + εz`` once (ties toward +inf), and the next pass does
+not subtract ``εz`` from the rounded value: it recovers θ by inverting that rounding
+(``zo_undo_axpby_``, csrc/common/zo_undo.h), bit for bit wherever the rounding was injective, and
+applies its own change to θ. So ``θ - εz`` is the correctly rounded value too, and at lr=0 the
+parameters come back bit-exactly except where a perturbation pushed a value into a coarser
+binade or swamped it (``|εz| >> |θ|``), where the information is gone and the error stays below
+half an ulp of the perturbed value.
 """
 from __future__ import annotations
 
@@ -60,6 +68,16 @@ def _apply_in_chunks(tensors, seeds, ids, coeffs_by_seed, decay):
                        decay if start == 0 else [0.0] * len(tensors))
 
 
+def _undo_apply_in_chunks(tensors, undo_seed, undo, seeds, ids, coeffs_by_seed, decay, invertible):
+    """zo_undo_axpby_ with the first (up to) 8 seeds, zo_axpby_ for any further chunks."""
+    n = _ops.MAX_SEEDS_PER_CALL
+    first = range(0, min(n, len(seeds)))
+    _ops.zo_undo_axpby_(tensors, undo_seed, undo, [seeds[s] for s in first], ids,
+                        [c for s in first for c in coeffs_by_seed[s]], decay, invertible)
+    if len(seeds) > n:
+        _apply_in_chunks(tensors, seeds[n:], ids, coeffs_by_seed[n:], [0.0] * len(tensors))
+
+
 class _ParamSet:
     """The trainable tensors of an optimizer, flattened, with their noise ids and group."""
 
@@ -96,6 +114,17 @@ class _ParamSet:
             coeffs = [[coeff(s, self.group_of[k]) for k in idx] for s in range(len(seeds))]
             dec = [decay(self.group_of[k]) if decay else 0.0 for k in idx]
             _apply_in_chunks(tensors, list(seeds), ids, coeffs, dec)
+
+    def undo_axpby(self, undo_seed, undo_coeff, seeds, coeff=None, decay=None, invertible=False):
+        """One pass: undo the perturbation undo_coeff(group) * z_undo exactly, then
+        p = θ + sum_s coeff(s, group) * z_s - decay(group) * θ (ties up when `invertible`)."""
+        for idx in self.by_device.values():
+            tensors = [self.tensors[k] for k in idx]
+            ids = [self.ids[k] for k in idx]
+            undo = [undo_coeff(self.group_of[k]) for k in idx]
+            coeffs = [[coeff(s, self.group_of[k]) for k in idx] for s in range(len(seeds))]
+            dec = [decay(self.group_of[k]) if decay else 0.0 for k in idx]
+            _undo_apply_in_chunks(tensors, undo_seed, undo, list(seeds), ids, coeffs, dec, invertible)
 
 
 def _loss_value(loss) -> float:
@@ -212,27 +241,32 @@ class MeZO(torch.optim.Optimizer):
 
         diffs: list[float] = []
         first_loss = None
-        # `offset(g)` is where the parameters of group g are now, in units of z_current:
-        # θ + offset * z. Every exit path brings it back to 0.
+        # The parameters are F(θ) = round(θ + offset * eps_g * z_current) (ties up), with θ the
+        # unperturbed values; every pass first recovers θ from that exactly (zo_undo_axpby_),
+        # then applies its own change to θ. Every exit path brings offset back to 0.
         current, offset = None, 0.0
 
         def restore():
             if current is not None and offset != 0.0:
                 off = offset
-                params.axpby([current], lambda s, g: -off * eps[g])
+                params.undo_axpby(current, lambda g: off * eps[g], [])
 
         try:
             for s in range(n):
                 if current is None:
-                    params.axpby([seeds[s]], lambda _, g: eps[g])
-                else:  # restore the previous sample and perturb with the next in one pass
-                    params.axpby([current, seeds[s]], lambda _, g: eps[g])
+                    params.undo_axpby(seeds[s], lambda g: 0.0, [seeds[s]], lambda _, g: eps[g],
+                                      invertible=True)
+                else:  # undo the previous sample's -eps and perturb with the next in one pass
+                    params.undo_axpby(current, lambda g: -eps[g], [seeds[s]], lambda _, g: eps[g],
+                                      invertible=True)
                 current, offset = seeds[s], 1.0
                 loss = closure()
                 if first_loss is None:
                     first_loss = loss
                 loss_plus = _loss_value(loss)
-                params.axpby([current], lambda _, g: -2.0 * eps[g])
+                # θ - eps z from θ itself (not p+ - 2 eps z): correctly rounded and undoable
+                params.undo_axpby(current, lambda g: eps[g], [current], lambda _, g: -eps[g],
+                                  invertible=True)
                 offset = -1.0
                 loss_minus = _loss_value(closure())
                 diffs.append(loss_plus - loss_minus)
@@ -256,18 +290,15 @@ class MeZO(torch.optim.Optimizer):
             )
             return first_loss
 
-        # Restore the last sample and apply the update in one pass:
-        # θ_g += eps_g z_n - lr_g/n * sum_s diff_s/(2 eps_g) z_s - lr_g wd_g θ_g
+        # Undo the last perturbation exactly and apply the update in one pass:
+        # θ_g += -lr_g/n * sum_s diff_s/(2 eps_g) z_s - lr_g wd_g θ_g (rounded to nearest even)
         lrs = [float(g["lr"]) for g in groups]
         wds = [float(g["weight_decay"]) for g in groups]
 
-        # The parameters sit at θ - eps z_n, so the decay term -d θ = -d p - d eps z_n: the
-        # restore coefficient of z_n is eps (1 - d).
         def coeff(s, g):
-            c = -lrs[g] / n * diffs[s] / (2.0 * eps[g])
-            return c + eps[g] * (1.0 - lrs[g] * wds[g]) if s == n - 1 else c
+            return -lrs[g] / n * diffs[s] / (2.0 * eps[g])
 
-        params.axpby(seeds, coeff, lambda g: lrs[g] * wds[g])
+        params.undo_axpby(current, lambda g: -eps[g], seeds, coeff, lambda g: lrs[g] * wds[g])
         if self.keep_log:
             self.log.append(MeZOStep(tuple(seeds), tuple(d / (2.0 * eps[0]) for d in diffs),
                                      tuple(lrs), tuple(wds), tuple(eps)))
@@ -327,8 +358,8 @@ def replay(params: Iterable, log: Sequence[MeZOStep] | dict) -> None:
     of parameter groups, in the same order), holding the base weights, with ``None`` in place of
     any parameter that was frozen (``requires_grad=False``) during training; ``log`` is
     ``optimizer.log`` (or the ``"log"`` entry of its state dict). The result matches the trained
-    model to within float rounding: training applied each update fused with the restore of the
-    perturbation, replay applies the update alone.
+    model to within float rounding, bit for bit wherever training restored the parameters exactly
+    (its last pass recovers θ and rounds the same update from it; see the module docstring).
     """
     if isinstance(log, dict):
         log = _log_from_tensors(log)

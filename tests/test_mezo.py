@@ -72,32 +72,48 @@ def test_matches_reference_float64(device, n_samples):
         torch.testing.assert_close(p.detach(), r, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.parametrize("n_samples", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_low_precision_matches_emulation_bitwise(device, dtype):
-    """Half types: each pass computes in float32 and rounds once; emulate that exactly."""
+def test_low_precision_matches_emulation_bitwise(device, dtype, n_samples):
+    """Each pass recovers θ by undoing the previous perturbation exactly, then rounds its own
+    change from θ once (float32 math); emulate that exactly (tests/test_zo_undo.py)."""
+    from test_zo_undo import F, bits, offset, ref_undo
+
     params = make_params(device, dtype)
     emu = [p.detach().clone() for p in params]
     lr, eps = 1e-2, 1e-2
-    opt = MeZO(params, lr=lr, eps=eps, seed=3)
+    opt = MeZO(params, lr=lr, eps=eps, n_samples=n_samples, seed=3)
     opt.step(lambda: objective(params))
-    seed = opt.log[0].seeds[0]
-    z = [noise_like(p, seed, k) for k, p in enumerate(emu)]
-
-    def axpy(ps, c):  # the kernel: v + (c z - 0 v) in float32, rounded once
-        return [(p.float() + (torch.tensor(c, dtype=torch.float32) * zk)).to(dtype) for p, zk in zip(ps, z)]
-
-    plus = axpy(emu, eps)
-    minus = axpy(plus, -2 * eps)
-    diff = float(objective(plus)) - float(objective(minus))
-    final = axpy(minus, -lr * diff / (2 * eps) + eps)
+    seeds = opt.log[0].seeds
+    diffs = []
+    theta, prev = emu, None
+    for seed in seeds:
+        a = [offset(p, seed, k, eps) for k, p in enumerate(emu)]
+        if prev is not None:  # undo the previous sample's -eps z
+            theta = [ref_undo(p, -ak) for p, ak in zip(theta, prev)]
+        plus = [F(t, ak) for t, ak in zip(theta, a)]
+        theta = [ref_undo(p, ak) for p, ak in zip(plus, a)]
+        minus = [F(t, -ak) for t, ak in zip(theta, a)]
+        diffs.append(float(objective(plus)) - float(objective(minus)))
+        theta, prev = minus, a
+    theta = [ref_undo(p, -ak) for p, ak in zip(theta, prev)]
+    # the update: v + (sum_s c_s z_s - 0 v), float32, rounded to nearest even (zo_axpby_)
+    final = []
+    for k, t in enumerate(theta):
+        acc = torch.zeros_like(t, dtype=torch.float32)
+        for seed, d in zip(seeds, diffs):
+            c = torch.tensor(-lr / n_samples * d / (2 * eps), dtype=torch.float32)
+            acc = acc + c * noise_like(t, seed, k)
+        final.append((t.float() + (acc - 0.0 * t.float())).to(dtype))
     for p, f in zip(params, final):
-        assert torch.equal(p.detach(), f)
+        assert torch.equal(bits(p.detach()), bits(f))
 
 
 def test_three_passes_per_step(monkeypatch):
     calls = []
-    real = _ops.zo_axpby_
-    monkeypatch.setattr(_ops, "zo_axpby_", lambda *a: (calls.append(a[1]), real(*a)))
+    real = _ops.zo_undo_axpby_
+    monkeypatch.setattr(_ops, "zo_undo_axpby_", lambda *a: (calls.append(a[3]), real(*a)))
+    monkeypatch.setattr(_ops, "zo_axpby_", lambda *a: pytest.fail("zo_axpby_ called in a step"))
     params = make_params("cpu", torch.float32)
     for n in (1, 2, 4):
         calls.clear()
@@ -121,22 +137,29 @@ def test_noise_like_is_the_added_noise(device):
     torch.testing.assert_close(frozen.detach(), torch.ones(5, device=device), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("cycles,max_ulps", [(1, 2), (50, 24)])
-def test_restore_at_lr_zero(device, dtype, cycles, max_ulps):
+@pytest.mark.parametrize("scale,cycles,min_exact", [(1.0, 1, 0.99), (1.0, 50, 0.98), (0.02, 50, 0.75)])
+def test_restore_at_lr_zero(device, dtype, scale, cycles, min_exact):
+    """The undo is exact wherever the perturbation's rounding was injective: most elements come
+    back bit for bit (measured: 99% after 50 cycles for N(0, 1) weights, 79% for N(0, 0.02)
+    weights, where eps z crosses binades more often), the rest (a value pushed into a coarser
+    binade, or swamped by |eps z|) within about an ulp of the perturbed value, never with the
+    wrong sign."""
     params = make_params(device, dtype, shapes=((4097,), (7, 9)))
+    with torch.no_grad():
+        for p in params:
+            p.mul_(scale)
     base = [p.detach().clone() for p in params]
     opt = MeZO(params, lr=0.0, eps=1e-3, seed=0)
     for _ in range(cycles):
         opt.step(lambda: objective(params))
-    for p, b in zip(params, base):
-        if dtype == torch.float64:
-            torch.testing.assert_close(p.detach(), b, rtol=0, atol=1e-13)
-        else:
-            # rounding only: a few ulp (of the perturbed value) per perturb/restore cycle, a
-            # random walk over many cycles
-            ulp = torch.finfo(dtype).eps * b.float().abs().clamp_min(1e-3 * 6)
-            drift = (p.detach().float() - b.float()).abs()
-            assert (drift <= max_ulps * ulp + torch.finfo(dtype).tiny).all(), (drift / ulp).max()
+    p, b = torch.cat([p.detach().flatten() for p in params]), torch.cat([b.flatten() for b in base])
+    exact = float((p == b).double().mean())
+    assert exact >= min_exact, exact
+    assert not bool((p * b < 0).any())
+    # no element moved by more than ~an ulp of the perturbed value (|b| + eps |z|, |z| < 6)
+    ulp = torch.finfo(dtype).eps * (b.double().abs() + 1e-3 * 6)
+    drift = (p.double() - b.double()).abs()
+    assert bool((drift <= 3 * ulp).all()), float((drift / ulp).max())
 
 
 def test_converges_least_squares(device):
@@ -368,7 +391,9 @@ def test_data_parallel_two_ranks(tmp_path):
     for _ in range(10):
         opt.step(lambda: ((model(A).squeeze(1) - b) ** 2).mean())
     for a, p in zip(r0, model.parameters()):
-        torch.testing.assert_close(a, p.detach(), rtol=1e-4, atol=1e-5)
+        # the loss differences differ in float32 rounding (mean of half-batch losses vs one
+        # full-batch loss), amplified by 1/(2 eps) each step: ~3e-5 after 10 steps
+        torch.testing.assert_close(a, p.detach(), rtol=1e-3, atol=1e-4)
 
 
 def test_replay_with_frozen_parameter():

@@ -52,4 +52,31 @@ inline void check_zo_axpby_args(at::TensorList params, at::IntArrayRef seeds, at
   }
 }
 
+// zo_undo_axpby_: params[k] = apply(undo(params[k], undo_coeffs[k] * z(undo_seed, ids[k])))
+// with 0 to 8 apply seeds (see csrc/common/zo_undo.h).
+inline void check_zo_undo_axpby_args(at::TensorList params, at::ArrayRef<double> undo_coeffs,
+                                     at::IntArrayRef seeds, at::IntArrayRef ids,
+                                     at::ArrayRef<double> coeffs, at::ArrayRef<double> decay,
+                                     c10::DeviceType device_type) {
+  const char* op = "ftops.zo_undo_axpby_";
+  const size_t K = params.size();
+  TORCH_CHECK(undo_coeffs.size() == K, op, ": undo_coeffs has ", undo_coeffs.size(),
+              " entries but params has ", K);
+  TORCH_CHECK(ids.size() == K, op, ": ids has ", ids.size(), " entries but params has ", K);
+  TORCH_CHECK(decay.size() == K, op, ": decay has ", decay.size(), " entries but params has ",
+              K);
+  TORCH_CHECK(static_cast<int64_t>(seeds.size()) <= kMaxSeedsPerCall, op,
+              ": seeds must have 0 to ", kMaxSeedsPerCall, " entries, got ", seeds.size());
+  TORCH_CHECK(coeffs.size() == seeds.size() * K, op,
+              ": coeffs must have len(seeds) * len(params) = ", seeds.size() * K,
+              " entries, got ", coeffs.size());
+  for (size_t k = 0; k < K; ++k) {
+    check_param(params[k], op, "params", k, device_type);
+    TORCH_CHECK(params[k].device() == params[0].device(), op, ": params[", k, "] is on ",
+                params[k].device(), " but params[0] is on ", params[0].device());
+    TORCH_CHECK(ids[k] >= 0 && ids[k] <= static_cast<int64_t>(UINT32_MAX), op, ": ids[", k,
+                "] = ", ids[k], " is outside [0, 2^32)");
+  }
+}
+
 }  // namespace ftops

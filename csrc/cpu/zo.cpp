@@ -16,6 +16,7 @@
 
 #include "../common/philox.h"
 #include "../common/zo_args.h"
+#include "../common/zo_undo.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FTOPS_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -111,7 +112,130 @@ FTOPS_CLONES void axpby_blocks(scalar_t* p, int64_t numel, const NoiseKey* keys,
   }
 }
 
+// zo_undo_axpby_ on blocks [b0, b1) of one tensor: recover t from p = F(t) (F: + u*z_undo,
+// rounded with ties up; csrc/common/zo_undo.h), then p = round(t + (sum_s c_s z_s - d t)).
+// The undo noise is generated once per block and reused for apply seed number `shared`.
+template <typename scalar_t, typename acc_t, bool kInvertible, bool kUndo>
+FTOPS_CLONES void undo_axpby_blocks(scalar_t* p, int64_t numel, NoiseKey ukey, acc_t u,
+                                    const NoiseKey* keys, const acc_t* coeffs, int64_t n_seeds,
+                                    int64_t shared, acc_t d, int64_t b0, int64_t b1) {
+  using U = typename FBits<scalar_t>::U;
+  alignas(64) float zu[kBlock];
+  alignas(64) float z[kBlock];
+  alignas(64) acc_t a[kBlock];
+  alignas(64) acc_t acc[kBlock];
+  alignas(64) U bits[kBlock];
+  for (int64_t b = b0; b < b1; ++b) {
+    if (kUndo || shared >= 0) block_normals(ukey, b, zu);
+    if constexpr (kUndo) {
+      for (int64_t j = 0; j < kBlock; ++j) a[j] = undo_offset<acc_t>(u, zu[j]);
+    }
+    for (int64_t j = 0; j < kBlock; ++j) acc[j] = acc_t(0);
+    for (int64_t s = 0; s < n_seeds; ++s) {
+      const float* zs = zu;
+      if (s != shared) {
+        block_normals(keys[s], b, z);
+        zs = z;
+      }
+      const acc_t c = coeffs[s];
+      for (int64_t j = 0; j < kBlock; ++j) acc[j] = acc[j] + c * static_cast<acc_t>(zs[j]);
+    }
+    const int64_t start = b * kBlock;
+    const int64_t n = std::min<int64_t>(kBlock, numel - start);
+    // Work on the bit patterns (a load of c10::Half/BFloat16 as a struct does not vectorize).
+    U* q = reinterpret_cast<U*>(p + start);
+    // Fast path (q or 0 is a preimage) for the whole block, branch-free; the full candidate
+    // search only for the rare block where some element needs it. Same result either way.
+    int miss_any = 0;
+    if constexpr (!kUndo) {  // undo coefficient 0: nothing to undo
+      for (int64_t j = 0; j < n; ++j) bits[j] = q[j];
+    } else {
+      for (int64_t j = 0; j < n; ++j) {
+        bool miss;
+        bits[j] = zo_undo_bits_fast<scalar_t, acc_t>(q[j], a[j], miss);
+        miss_any |= static_cast<int>(miss);
+      }
+    }
+    if (miss_any) {
+      for (int64_t j = 0; j < n; ++j) bits[j] = zo_undo_bits<scalar_t, acc_t>(q[j], a[j]);
+    }
+    for (int64_t j = 0; j < n; ++j) {
+      q[j] = zo_apply_bits<scalar_t, acc_t, kInvertible>(FBits<scalar_t>::to_f(bits[j]), acc[j], d);
+    }
+  }
+}
+
 int64_t num_blocks(int64_t numel) { return (numel + kBlock - 1) / kBlock; }
+
+template <typename acc_t>
+const acc_t* pick(const std::vector<float>& f, const std::vector<double>& d) {
+  if constexpr (std::is_same_v<acc_t, double>) {
+    return d.data();
+  } else {
+    return f.data();
+  }
+}
+
+void zo_undo_axpby_cpu(at::TensorList params, int64_t undo_seed, at::ArrayRef<double> undo_coeffs,
+                       at::IntArrayRef seeds, at::IntArrayRef ids, at::ArrayRef<double> coeffs,
+                       at::ArrayRef<double> decay, bool invertible) {
+  check_zo_undo_axpby_args(params, undo_coeffs, seeds, ids, coeffs, decay, c10::DeviceType::CPU);
+  const int64_t K = static_cast<int64_t>(params.size());
+  const int64_t S = static_cast<int64_t>(seeds.size());
+  if (K == 0) return;
+  int64_t shared = -1;  // the apply seed whose noise is the undo noise, if any
+  for (int64_t s = 0; s < S && shared < 0; ++s)
+    if (seeds[s] == undo_seed) shared = s;
+
+  std::vector<int64_t> first_block(K + 1, 0);
+  for (int64_t k = 0; k < K; ++k) first_block[k + 1] = first_block[k] + num_blocks(params[k].numel());
+  std::vector<NoiseKey> keys(std::max<int64_t>(S * K, 1));
+  std::vector<NoiseKey> ukeys(K);
+  for (int64_t k = 0; k < K; ++k) {
+    ukeys[k] = make_noise_key(static_cast<uint64_t>(undo_seed), static_cast<uint64_t>(ids[k]));
+    for (int64_t s = 0; s < S; ++s)
+      keys[k * S + s] = make_noise_key(static_cast<uint64_t>(seeds[s]), static_cast<uint64_t>(ids[k]));
+  }
+  std::vector<float> coeffs_f(std::max<int64_t>(S * K, 1));
+  std::vector<double> coeffs_d(std::max<int64_t>(S * K, 1));
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t k = 0; k < K; ++k) {
+      coeffs_d[k * S + s] = coeffs[s * K + k];
+      coeffs_f[k * S + s] = static_cast<float>(coeffs[s * K + k]);
+    }
+
+  at::parallel_for(0, first_block[K], /*grain_size=*/32, [&](int64_t begin, int64_t end) {
+    int64_t k = std::upper_bound(first_block.begin(), first_block.end(), begin) - first_block.begin() - 1;
+    for (int64_t b = begin; b < end;) {
+      while (first_block[k + 1] <= b) ++k;  // also skips empty tensors
+      const int64_t stop = std::min(end, first_block[k + 1]);
+      const at::Tensor& p = params[k];
+      const int64_t lb0 = b - first_block[k], lb1 = stop - first_block[k];
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "zo_undo_axpby_cpu", [&] {
+        using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+        const acc_t* cs = pick<acc_t>(coeffs_f, coeffs_d) + k * S;
+        const acc_t u = static_cast<acc_t>(undo_coeffs[k]);
+        const acc_t d = static_cast<acc_t>(decay[k]);
+        scalar_t* ptr = p.data_ptr<scalar_t>();
+        const NoiseKey* ks = keys.data() + k * S;
+        if (invertible && u != acc_t(0)) {
+          undo_axpby_blocks<scalar_t, acc_t, true, true>(ptr, p.numel(), ukeys[k], u, ks, cs, S,
+                                                         shared, d, lb0, lb1);
+        } else if (invertible) {
+          undo_axpby_blocks<scalar_t, acc_t, true, false>(ptr, p.numel(), ukeys[k], u, ks, cs, S,
+                                                          shared, d, lb0, lb1);
+        } else if (u != acc_t(0)) {
+          undo_axpby_blocks<scalar_t, acc_t, false, true>(ptr, p.numel(), ukeys[k], u, ks, cs, S,
+                                                          shared, d, lb0, lb1);
+        } else {
+          undo_axpby_blocks<scalar_t, acc_t, false, false>(ptr, p.numel(), ukeys[k], u, ks, cs, S,
+                                                           shared, d, lb0, lb1);
+        }
+      });
+      b = stop;
+    }
+  });
+}
 
 void zo_axpby_cpu(at::TensorList params, at::IntArrayRef seeds, at::IntArrayRef ids,
                   at::ArrayRef<double> coeffs, at::ArrayRef<double> decay) {
@@ -188,6 +312,7 @@ at::Tensor zo_noise_bits_cpu(const at::Tensor& like, int64_t seed, int64_t index
 
 TORCH_LIBRARY_IMPL(ftops, CPU, m) {
   m.impl("zo_axpby_", &zo_axpby_cpu);
+  m.impl("zo_undo_axpby_", &zo_undo_axpby_cpu);
   m.impl("zo_noise", &zo_noise_cpu);
   m.impl("zo_noise_bits", &zo_noise_bits_cpu);
 }

@@ -15,6 +15,7 @@
 
 #include "../common/philox.h"
 #include "../common/zo_args.h"
+#include "../common/zo_undo.h"
 
 namespace ftops {
 namespace {
@@ -71,6 +72,65 @@ __global__ void zo_axpby_kernel(const ZoLaunch args) {
       for (int j = 0; j < 4 && j < n; ++j) {
         const acc_t v = static_cast<acc_t>(p[j]);
         p[j] = static_cast<scalar_t>(v + (acc[j] - d * v));
+      }
+    }
+  }
+}
+
+// zo_undo_axpby_: the ZoLaunch fields (coeff/seed may hold 0 seeds) plus the undo.
+struct ZoUndoLaunch {
+  ZoLaunch base;
+  double undo_coeff[kMaxTensors];
+  uint64_t undo_seed;
+  int shared;  // the apply seed whose noise is the undo noise, or -1
+};
+
+template <typename scalar_t, typename acc_t, bool kInvertible>
+__global__ void zo_undo_axpby_kernel(const ZoUndoLaunch args) {
+  const ZoLaunch& b = args.base;
+  const int64_t total = b.first_group[b.n_tensors];
+  for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < total;
+       g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    int k = 0;
+    while (b.first_group[k + 1] <= g) ++k;
+    const int64_t lg = g - b.first_group[k];
+    const acc_t u = static_cast<acc_t>(args.undo_coeff[k]);
+    const bool undo = u != acc_t(0);  // undo coefficient 0: nothing to undo
+    float zu[4] = {0.f, 0.f, 0.f, 0.f};
+    if (undo || args.shared >= 0) {
+      noise_normals(make_noise_key(args.undo_seed, b.id[k]), static_cast<uint64_t>(lg), zu[0],
+                    zu[1], zu[2], zu[3]);
+    }
+    acc_t acc[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+    for (int s = 0; s < b.n_seeds; ++s) {
+      float z[4] = {zu[0], zu[1], zu[2], zu[3]};
+      if (s != args.shared) {
+        noise_normals(make_noise_key(b.seed[s], b.id[k]), static_cast<uint64_t>(lg), z[0], z[1],
+                      z[2], z[3]);
+      }
+      const acc_t c = static_cast<acc_t>(b.coeff[s][k]);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[j] = acc[j] + c * static_cast<acc_t>(z[j]);
+    }
+    const acc_t d = static_cast<acc_t>(b.decay[k]);
+    scalar_t* p = static_cast<scalar_t*>(b.ptr[k]) + 4 * lg;
+    const int64_t n = b.numel[k] - 4 * lg;
+    if (n >= 4 && reinterpret_cast<uintptr_t>(p) % sizeof(Vec4<scalar_t>) == 0) {
+      Vec4<scalar_t> x = *reinterpret_cast<const Vec4<scalar_t>*>(p);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const auto pb = FBits<scalar_t>::get(x.v[j]);
+        const auto tb = undo ? zo_undo_bits<scalar_t, acc_t>(pb, undo_offset<acc_t>(u, zu[j])) : pb;
+        x.v[j] = FBits<scalar_t>::make(
+            zo_apply_bits<scalar_t, acc_t, kInvertible>(FBits<scalar_t>::to_f(tb), acc[j], d));
+      }
+      *reinterpret_cast<Vec4<scalar_t>*>(p) = x;
+    } else {
+      for (int j = 0; j < 4 && j < n; ++j) {
+        const auto pb = FBits<scalar_t>::get(p[j]);
+        const auto tb = undo ? zo_undo_bits<scalar_t, acc_t>(pb, undo_offset<acc_t>(u, zu[j])) : pb;
+        p[j] = FBits<scalar_t>::make(
+            zo_apply_bits<scalar_t, acc_t, kInvertible>(FBits<scalar_t>::to_f(tb), acc[j], d));
       }
     }
   }
@@ -136,6 +196,66 @@ void zo_axpby_cuda(at::TensorList params, at::IntArrayRef seeds, at::IntArrayRef
   }
 }
 
+template <typename scalar_t, typename acc_t>
+void launch_undo_axpby(const ZoUndoLaunch& args, bool invertible) {
+  const int64_t groups = args.base.first_group[args.base.n_tensors];
+  if (groups == 0) return;
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  if (invertible) {
+    zo_undo_axpby_kernel<scalar_t, acc_t, true><<<grid_for(groups), kThreads, 0, stream>>>(args);
+  } else {
+    zo_undo_axpby_kernel<scalar_t, acc_t, false><<<grid_for(groups), kThreads, 0, stream>>>(args);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void zo_undo_axpby_cuda(at::TensorList params, int64_t undo_seed, at::ArrayRef<double> undo_coeffs,
+                        at::IntArrayRef seeds, at::IntArrayRef ids, at::ArrayRef<double> coeffs,
+                        at::ArrayRef<double> decay, bool invertible) {
+  check_zo_undo_axpby_args(params, undo_coeffs, seeds, ids, coeffs, decay, c10::DeviceType::CUDA);
+  const int64_t K = static_cast<int64_t>(params.size());
+  if (K == 0) return;
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  int shared = -1;
+  for (size_t s = 0; s < seeds.size() && shared < 0; ++s)
+    if (seeds[s] == undo_seed) shared = static_cast<int>(s);
+
+  std::map<at::ScalarType, std::vector<int64_t>> by_dtype;
+  for (int64_t k = 0; k < K; ++k) {
+    if (params[k].numel() > 0) by_dtype[params[k].scalar_type()].push_back(k);
+  }
+  for (const auto& [dtype, members] : by_dtype) {
+    for (size_t start = 0; start < members.size(); start += kMaxTensors) {
+      ZoUndoLaunch args{};
+      args.undo_seed = static_cast<uint64_t>(undo_seed);
+      args.shared = shared;
+      ZoLaunch& b = args.base;
+      b.n_seeds = static_cast<int>(seeds.size());
+      for (size_t s = 0; s < seeds.size(); ++s) b.seed[s] = static_cast<uint64_t>(seeds[s]);
+      const size_t stop = std::min(members.size(), start + kMaxTensors);
+      b.n_tensors = static_cast<int>(stop - start);
+      b.first_group[0] = 0;
+      for (size_t j = 0; j < stop - start; ++j) {
+        const int64_t k = members[start + j];
+        b.ptr[j] = params[k].data_ptr();
+        b.numel[j] = params[k].numel();
+        b.first_group[j + 1] = b.first_group[j] + (params[k].numel() + 3) / 4;
+        b.id[j] = static_cast<uint32_t>(ids[k]);
+        b.decay[j] = decay[k];
+        args.undo_coeff[j] = undo_coeffs[k];
+        for (size_t s = 0; s < seeds.size(); ++s) b.coeff[s][j] = coeffs[s * K + k];
+      }
+      switch (dtype) {
+        case at::kFloat: launch_undo_axpby<float, float>(args, invertible); break;
+        case at::kDouble: launch_undo_axpby<double, double>(args, invertible); break;
+        case at::kHalf: launch_undo_axpby<at::Half, float>(args, invertible); break;
+        case at::kBFloat16: launch_undo_axpby<at::BFloat16, float>(args, invertible); break;
+        default: TORCH_CHECK(false, "ftops.zo_undo_axpby_: unsupported dtype ", dtype);
+      }
+    }
+  }
+}
+
 __global__ void zo_noise_kernel(NoiseKey key, int64_t numel, float* out) {
   const int64_t groups = (numel + 3) / 4;
   for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < groups;
@@ -191,6 +311,7 @@ at::Tensor zo_noise_bits_cuda(const at::Tensor& like, int64_t seed, int64_t inde
 
 TORCH_LIBRARY_IMPL(ftops, CUDA, m) {
   m.impl("zo_axpby_", &zo_axpby_cuda);
+  m.impl("zo_undo_axpby_", &zo_undo_axpby_cuda);
   m.impl("zo_noise", &zo_noise_cuda);
   m.impl("zo_noise_bits", &zo_noise_bits_cuda);
 }

@@ -1,0 +1,312 @@
+"""ftops.zo_undo_axpby_ (csrc/common/zo_undo.h): exact undo of a perturbation pass.
+
+A perturbation pass maps t to F(t) = round_up_ties(t + a), a = 0 + u * z (float32 math, float64
+for float64; round to nearest with ties toward +inf). The undo must give back t bit for bit
+wherever F is injective at t, and otherwise a value that F maps to p (+0 if 0 is one). The
+references below recompute F with plain torch ops (IEEE float32/float64 adds, exact TwoSum,
+bit patterns for the neighbours) and decide injectivity by brute force: F is monotone, so t is
+the only preimage of F(t) iff F(t - 1 ulp) != F(t) != F(t + 1 ulp).
+"""
+import pytest
+import torch
+
+from conftest import DEVICES, FLOAT_DTYPES
+from ftops import _ops
+
+SIZES = [1, 7, 65, 4097]
+INT_VIEW = {torch.float64: torch.int64, torch.float32: torch.int32,
+            torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def acc_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def bits(x):
+    return x.contiguous().view(INT_VIEW[x.dtype])
+
+
+def step(x, k):
+    """The value k representable values above x (k may be a tensor; -0 and +0 are both 0)."""
+    nb = torch.finfo(x.dtype).bits
+    i = bits(x).to(torch.int64)
+    mag = i & ((1 << (nb - 1)) - 1)
+    o = torch.where(i < 0, -mag, mag) + k
+    b = torch.where(o < 0, (-o) | (1 << (nb - 1)), o)
+    if nb == 64:
+        return b.view(torch.float64)
+    b = torch.where(b >= (1 << (nb - 1)), b - (1 << nb), b)
+    return b.to(INT_VIEW[x.dtype]).view(x.dtype)
+
+
+def round_up_ties(v, t, dtype):
+    """round(v + t) to dtype, ties toward +inf; v, t in the accumulation type."""
+    if v.dtype == dtype:  # float32 / float64: exact error of the sum by TwoSum
+        s = v + t
+        bb = s - v
+        err = (v - (s - bb)) + (t - bb)
+        up = step(s, 1)
+        tie = (err > 0) & (err + err == up - s)
+        return torch.where(tie, up, s)
+    y = v + t
+    s = y.to(dtype)
+    e = y - s.to(v.dtype)
+    up = step(s, 1)
+    tie = (e > 0) & (e + e == up.to(v.dtype) - s.to(v.dtype))
+    return torch.where(tie, up, s)
+
+
+def offset(p, seed, index, u):
+    """a = 0 + u * z(seed, index) in the kernel's accumulation type."""
+    acc = acc_dtype(p.dtype)
+    z = _ops.zo_noise(p, seed, index).to(acc)
+    return torch.zeros((), dtype=acc, device=p.device) + torch.tensor(u, dtype=acc, device=p.device) * z
+
+
+def F(t, a):
+    return round_up_ties(t.to(a.dtype), a, t.dtype)
+
+
+def simplicity(x):
+    """Lowest set magnitude bit of the pattern (zero magnitude: the sign bit, above all)."""
+    nb = torch.finfo(x.dtype).bits
+    m = bits(x).to(torch.int64) & ((1 << (nb - 1)) - 1)
+    return torch.where(m == 0, torch.full_like(m, (1 << (nb - 1)) - 1), m & -m)  # > any low bit
+
+
+def ref_undo(p, a):
+    """The kernel's rule, step by step (see csrc/common/zo_undo.h)."""
+    pv = p.to(a.dtype)
+    r = pv - a
+    q = r.to(p.dtype)
+    fq = F(q, a)
+    q_ok = bits(fq) == bits(p)
+    go_up = fq.to(a.dtype) < pv
+    c = torch.where(go_up, step(q, 1), step(q, -1))
+    c_ok = bits(F(c, a)) == bits(p)
+    zero_ok = bits(F(torch.zeros_like(p), a)) == bits(p)
+    base = torch.where(~q_ok & c_ok, c, q)
+    base = torch.where(zero_ok, torch.zeros_like(p), base)
+    base_ok = zero_ok | q_ok | c_ok
+    bb = r - pv  # exact error of r = pv - a (TwoSum)
+    r_err = (pv - (r - bb)) + (-a - bb)
+    bv = base.to(a.dtype)
+    up = (r - bv) + r_err > 0
+    n = torch.where(up, step(base, 1), step(base, -1))
+    n_ok = bits(F(n, a)) == bits(p)
+    take = n_ok & (~base_ok | (simplicity(n) > simplicity(base)))
+    return torch.where(take, n, base)
+
+
+def undo_only(p, seed, index, u):
+    """zo_undo_axpby_ with no apply seeds: params = undo(params) (+ 0)."""
+    _ops.zo_undo_axpby_([p], seed, [u], [], [index], [], [0.0])
+
+
+def injective_at(t, a):
+    p = F(t, a)
+    return (bits(F(step(t, -1), a)) != bits(p)) & (bits(F(step(t, 1), a)) != bits(p))
+
+
+def make_theta(n, dtype, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(n, generator=g, dtype=torch.float64) * 0.02
+    if n > 64:  # a few wide-range values: tiny, large, exact zero, binade edges
+        t[:8] = torch.tensor([0.0, 1e-7, -3e-6, 1.0, -2.0, 0.5, 0.25 - 1e-9, 100.0])
+    return t.to(dtype).to(device)
+
+
+# --- the round trip --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("u", [1e-4, 1e-3, -1e-2, 0.3, 10.0])
+@pytest.mark.parametrize("size", SIZES)
+def test_undo_recovers_theta_where_injective(device, dtype, size, u):
+    theta = make_theta(size, dtype, device, seed=size)
+    seed, index = 12345 + size, 3
+    a = offset(theta, seed, index, u)
+    p = theta.clone()
+    # the perturbation pass itself, through the op: no undo (u=0), apply +u z with ties up
+    _ops.zo_undo_axpby_([p], seed, [0.0], [seed], [index], [u], [0.0], True)
+    assert torch.equal(bits(p), bits(F(theta, a))), "perturbation pass != round_up_ties(t + a)"
+    undo_only(p, seed, index, u)
+    inj = injective_at(theta, a)
+    exact = bits(p) == bits(theta)
+    assert bool(exact[inj].all()), f"{int((~exact & inj).sum())} injective elements not recovered"
+    # elsewhere: a preimage of F(theta) (theta is one; rounding merged it with others)
+    pre = bits(F(p, a)) == bits(F(theta, a))
+    assert bool(pre.all()), f"{int((~pre).sum())} results are not preimages"
+    # never the wrong sign
+    assert not bool(((p * theta) < 0).any())
+    # and exactly the documented rule
+    assert torch.equal(bits(p), bits(ref_undo(F(theta, a), a)))
+    if size == 4097 and abs(u) <= 1e-3:
+        assert float(inj.double().mean()) > 0.8
+
+
+def test_ties_to_even_would_lose_float32_elements():
+    """Why the perturbation rounds ties up: with ties to even, float32 |a| ~ |t|/8 collides often."""
+    theta = make_theta(1 << 16, torch.float32, "cpu", seed=0)
+    a = offset(theta, 7, 0, 1e-3)
+    rne = theta + a
+    inj_rne = (step(theta, 1) + a != rne) & (step(theta, -1) + a != rne)
+    inj_up = injective_at(theta, a)
+    assert float(inj_up.double().mean()) > float(inj_rne.double().mean()) + 0.03
+
+
+def test_zero_preferred_when_it_is_a_preimage(device):
+    for dtype in (torch.bfloat16, torch.float16):
+        theta = (torch.rand(4097, generator=torch.Generator().manual_seed(0)) - 0.5) * 1e-5
+        theta = theta.to(dtype).to(device)
+        a = offset(theta, 5, 0, 1e-2)
+        p = theta.clone()
+        _ops.zo_undo_axpby_([p], 5, [0.0], [5], [0], [1e-2], [0.0], True)
+        zero_ok = bits(F(torch.zeros_like(theta), a)) == bits(p)
+        undo_only(p, 5, 0, 1e-2)
+        assert float(zero_ok.double().mean()) > 0.2  # the case is exercised
+        assert bool((bits(p) == 0)[zero_ok].all())
+        assert not bool(((p * theta) < 0).any())
+
+
+@pytest.mark.parametrize("invertible", [False, True])
+@pytest.mark.parametrize("size", SIZES)
+def test_undo_then_apply_is_one_rounding(device, dtype, size, invertible):
+    """zo_undo_axpby_ == undo, then v + (sum c z - d v) rounded once (RNE as zo_axpby_ or ties up)."""
+    p0 = make_theta(size, dtype, device, seed=size + 1)
+    seeds, cs, d = [21, 22, 23], [0.5, -1e-3, 2e-2], 0.01
+    for undo_seed in (22, 99):  # shared with an apply seed, or not
+        p = p0.clone()
+        _ops.zo_undo_axpby_([p], undo_seed, [-1e-3], seeds, [4], cs, [d], invertible)
+        t = p0.clone()
+        undo_only(t, undo_seed, 4, -1e-3)
+        assert torch.equal(bits(t), bits(ref_undo(p0, offset(p0, undo_seed, 4, -1e-3))))
+        if not invertible:
+            _ops.zo_axpby_([t], seeds, [4], cs, [d])
+            assert torch.equal(bits(p), bits(t))
+        else:
+            acc = acc_dtype(dtype)
+            v = t.to(acc)
+            s = torch.zeros_like(v)
+            for seed, c in zip(seeds, cs):
+                s = s + torch.tensor(c, dtype=acc, device=device) * _ops.zo_noise(t, seed, 4).to(acc)
+            want = round_up_ties(v, s - torch.tensor(d, dtype=acc, device=device) * v, dtype)
+            assert torch.equal(bits(p), bits(want))
+
+
+def test_mezo_cycle_restores_bitwise_where_injective(device, dtype):
+    """+eps z, undo and -eps z, undo: bit-exact wherever both perturbations were injective."""
+    theta = make_theta(4097, dtype, device, seed=9)
+    eps, seed = 1e-3, 77
+    p = theta.clone()
+    _ops.zo_undo_axpby_([p], seed, [0.0], [seed], [0], [eps], [0.0], True)
+    _ops.zo_undo_axpby_([p], seed, [eps], [seed], [0], [-eps], [0.0], True)
+    _ops.zo_undo_axpby_([p], seed, [-eps], [seed], [0], [0.0], [0.0], False)
+    a = offset(theta, seed, 0, eps)
+    inj = injective_at(theta, a) & injective_at(theta, -a)
+    assert bool((bits(p) == bits(theta))[inj].all())
+    assert float((bits(p) == bits(theta)).double().mean()) > 0.8
+
+
+# --- launch invariance and op plumbing --------------------------------------------------------
+
+
+def test_multi_tensor_equals_single(device):
+    shapes = [(7,), (65,), (3, 33), (0,), (4097,), (1,)]
+    dtypes = [torch.float32, torch.bfloat16, torch.float16, torch.float64, torch.float32, torch.bfloat16]
+    ps = [make_theta(int(torch.tensor(s).prod()), dt, device, seed=i).reshape(s)
+          for i, (s, dt) in enumerate(zip(shapes, dtypes))]
+    ids = [5, 1, 9, 2, 0, 7]
+    undo = [1e-3, -2e-3, 0.0, 1e-2, 1e-3, 5.0]
+    seeds = [31, 32]
+    cs = [0.1 * (k + 1) for k in range(2 * len(ps))]
+    decay = [0.0, 0.01, 0.0, 0.1, 0.0, 0.0]
+    together = [p.clone() for p in ps]
+    _ops.zo_undo_axpby_(together, 32, undo, seeds, ids, cs, decay, True)
+    K = len(ps)
+    for k, p in enumerate(ps):
+        one = p.clone()
+        _ops.zo_undo_axpby_([one], 32, [undo[k]], seeds, [ids[k]], [cs[k], cs[K + k]], [decay[k]], True)
+        assert torch.equal(bits(one.flatten()), bits(together[k].flatten()))
+
+
+def test_thread_count_invariance():
+    p0 = make_theta(200_003, torch.bfloat16, "cpu", seed=3)
+    results = []
+    old = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            p = p0.clone()
+            _ops.zo_undo_axpby_([p], 8, [1e-3], [8, 9], [0], [-1e-3, 0.5], [0.0], True)
+            results.append(p)
+    finally:
+        torch.set_num_threads(old)
+    assert all(torch.equal(bits(r), bits(results[0])) for r in results[1:])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cpu_and_cuda_agree_bitwise(dtype):
+    p0 = make_theta(100_003, dtype, "cpu", seed=4)
+    for invertible in (False, True):
+        out = []
+        for dev in ("cpu", "cuda"):
+            p = p0.to(dev)
+            _ops.zo_undo_axpby_([p], 11, [2e-3], [11, 12], [3], [-2e-3, 0.25], [0.01], invertible)
+            out.append(p.cpu())
+        assert torch.equal(bits(out[0]), bits(out[1]))
+
+
+def test_opcheck(device):
+    ps = [make_theta(65, torch.float32, device, 0), make_theta(7, torch.bfloat16, device, 1)]
+    torch.library.opcheck(torch.ops.ftops.zo_undo_axpby_.default,
+                          (ps, 3, [1e-3, 1e-3], [3, 4], [0, 1], [0.1, 0.2, 0.3, 0.4], [0.0, 0.0], True))
+    torch.library.opcheck(torch.ops.ftops.zo_undo_axpby_.default,
+                          (ps, 3, [1e-3, -1e-3], [], [0, 1], [], [0.0, 0.1], False))
+
+
+def test_bad_arguments():
+    p = torch.zeros(4)
+    with pytest.raises(RuntimeError, match="undo_coeffs"):
+        _ops.zo_undo_axpby_([p], 1, [], [1], [0], [0.1], [0.0])
+    with pytest.raises(RuntimeError, match="seeds must have 0 to 8"):
+        _ops.zo_undo_axpby_([p], 1, [0.0], list(range(9)), [0], [0.1] * 9, [0.0])
+    with pytest.raises(RuntimeError, match="contiguous"):
+        _ops.zo_undo_axpby_([torch.zeros(4, 6).t()], 1, [0.0], [1], [0], [0.1], [0.0])
+    with pytest.raises(RuntimeError, match="dense"):
+        _ops.zo_undo_axpby_([torch.zeros(4, 4).to_sparse()], 1, [0.0], [1], [0], [0.1], [0.0])
+    _ops.zo_undo_axpby_([], 1, [], [1], [], [], [])  # empty list: a no-op
+    with pytest.raises(RuntimeError, match="ids"):
+        _ops.zo_undo_axpby_([], 1, [], [1], [0], [], [])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_binade_crossings_do_not_drift(dtype):
+    """Values just below a power of two lose a bit whenever a perturbation pushes them across it;
+    the undo picks the simpler of the two candidates, so such an element moves at most once, by
+    1 ulp, however many cycles follow (no random walk, no bias); see the note on half types."""
+    g = torch.Generator().manual_seed(0)
+    n = 4096
+    mag = 0.0625 - torch.rand(n, generator=g, dtype=torch.float64) * 0.004
+    sign = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0).double()
+    theta = (mag * sign).to(dtype)
+    p = theta.clone()
+    eps = 1e-3
+    for c in range(200):
+        seed = 1000 + c
+        _ops.zo_undo_axpby_([p], seed, [0.0], [seed], [0], [eps], [0.0], True)
+        _ops.zo_undo_axpby_([p], seed, [eps], [seed], [0], [-eps], [0.0], True)
+        _ops.zo_undo_axpby_([p], seed, [-eps], [], [0], [], [0.0], False)
+    nb = torch.finfo(dtype).bits
+
+    def ordered(x):
+        i = bits(x).to(torch.int64)
+        mag = i & ((1 << (nb - 1)) - 1)
+        return torch.where(i < 0, -mag, mag)
+
+    moved = (ordered(p) - ordered(theta)).abs()
+    # Half types: F rounds the float32 sum, so when that sum lands on a 16-bit midpoint (about
+    # 1 in 2^13 crossings) the neighbour on the side of the exact p - a is not the other
+    # preimage; those few elements can take one more 1-ulp step.
+    assert float((moved <= 1).double().mean()) >= (1.0 if dtype == torch.float32 else 0.995)
+    assert int(moved.max()) <= 4
+    assert 0.05 < float((moved > 0).double().mean()) < 0.6
