@@ -2,7 +2,6 @@
 import io
 import math
 import os
-import socket
 import warnings
 
 import pytest
@@ -356,16 +355,11 @@ def test_mixed_dtypes_in_one_optimizer(device):
 
 # --- data parallel --------------------------------------------------------------------------------
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank, world, port, out_dir):
+def _ddp_worker(rank, world, out_dir):
     import torch.distributed as dist
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a file rendezvous: no TCP port to race other processes for
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'rendezvous')}",
+                            rank=rank, world_size=world)
     torch.set_num_threads(1)
     A, b = least_squares("cpu", m=64)
     half = slice(rank * 32, (rank + 1) * 32)
@@ -379,7 +373,7 @@ def _ddp_worker(rank, world, port, out_dir):
 
 
 def test_data_parallel_two_ranks(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt")
     r1 = torch.load(tmp_path / "rank1.pt")
     for a, b in zip(r0, r1):

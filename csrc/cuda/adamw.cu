@@ -11,6 +11,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "launch.cuh"
+
 #include <map>
 #include <utility>
 #include <vector>
@@ -22,7 +24,6 @@ namespace ftops {
 namespace {
 
 constexpr int kMaxTensors = 40;  // keeps the argument struct well under the 4 KiB param limit
-constexpr int kThreads = 256;
 
 // Pointers of up to kMaxTensors tensors; a[0] param/grad, a[1] grad/m, ... per op (see below).
 struct MultiTensor {
@@ -123,17 +124,6 @@ __global__ void adam_direction_kernel(const MultiTensor mt, const AdamDirCoeffs<
       }
     }
   }
-}
-
-int grid_for(int64_t groups) {
-  static int sm_count = [] {
-    int dev = 0, sms = 0;
-    C10_CUDA_CHECK(cudaGetDevice(&dev));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    return sms;
-  }();
-  const int64_t wanted = (groups + kThreads - 1) / kThreads;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(wanted, int64_t(sm_count) * 16)));
 }
 
 // Packs tensors `members` (indices into the lists) kMaxTensors at a time and calls

@@ -9,6 +9,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "launch.cuh"
+
 #include <algorithm>
 
 #include "../common/sddmm_args.h"
@@ -16,7 +18,6 @@
 namespace ftops {
 namespace {
 
-constexpr int kThreads = 256;
 constexpr int kWarpsPerBlock = kThreads / 32;
 
 template <typename acc_t, typename idx_t, typename out_t>
@@ -37,24 +38,13 @@ __global__ void sddmm_kernel(const acc_t* __restrict__ A, const acc_t* __restric
   }
 }
 
-int grid_for(int64_t nnz) {
-  static int sm_count = [] {
-    int dev = 0, sms = 0;
-    C10_CUDA_CHECK(cudaGetDevice(&dev));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    return sms;
-  }();
-  const int64_t wanted = (nnz + kWarpsPerBlock - 1) / kWarpsPerBlock;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(wanted, int64_t(sm_count) * 32)));
-}
-
 template <typename acc_t, typename out_t>
 void launch(const at::Tensor& A, const at::Tensor& B, int64_t T, const at::Tensor& rows,
             const at::Tensor& cols, at::Tensor& out) {
   const int64_t nnz = rows.size(0);
   AT_DISPATCH_INDEX_TYPES(rows.scalar_type(), "sddmm_cuda", [&] {
     sddmm_kernel<acc_t, index_t, out_t>
-        <<<grid_for(nnz), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+        <<<grid_for(nnz, 32), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
             A.data_ptr<acc_t>(), B.data_ptr<acc_t>(), T, rows.data_ptr<index_t>(),
             cols.data_ptr<index_t>(), nnz, out.data_ptr<out_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();

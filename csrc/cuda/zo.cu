@@ -10,6 +10,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "launch.cuh"
+
 #include <map>
 #include <vector>
 
@@ -21,7 +23,6 @@ namespace ftops {
 namespace {
 
 constexpr int kMaxTensors = 24;
-constexpr int kThreads = 256;
 
 struct ZoLaunch {
   void* ptr[kMaxTensors];
@@ -134,17 +135,6 @@ __global__ void zo_undo_axpby_kernel(const ZoUndoLaunch args) {
       }
     }
   }
-}
-
-int grid_for(int64_t groups) {
-  static int sm_count = [] {
-    int dev = 0, sms = 0;
-    C10_CUDA_CHECK(cudaGetDevice(&dev));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    return sms;
-  }();
-  const int64_t wanted = (groups + kThreads - 1) / kThreads;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(wanted, int64_t(sm_count) * 16)));
 }
 
 template <typename scalar_t, typename acc_t>
