@@ -47,6 +47,7 @@ feed-forward blocks (``intermediate.dense`` + ``output.dense``), with biases.
 """
 from __future__ import annotations
 
+import abc
 import math
 import numbers
 from dataclasses import dataclass
@@ -491,14 +492,15 @@ class _ColumnSliceFn(torch.autograd.Function):
         return dx, None, None, dw
 
 
-class _SliceLinear(nn.Module):
+class _SliceLinear(nn.Module, abc.ABC):
     """Shared machinery: trainable slices that are views of frozen buffers."""
 
     in_features: int
     out_features: int
 
+    @abc.abstractmethod
     def _links(self) -> Iterator[tuple[str, torch.Tensor, int]]:
-        raise NotImplementedError
+        """(slice parameter name, buffer it views, leading rows or columns it covers) per slice."""
 
     def _relink(self) -> None:
         """Make every slice parameter a view of its buffer again.
