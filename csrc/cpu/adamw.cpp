@@ -12,6 +12,7 @@
 
 #include "../common/adamw_args.h"
 #include "../common/adamw_math.h"
+#include "multi_tensor.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FTOPS_ADAMW_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -92,16 +93,11 @@ const auto& pick(const F& f, const D& d) {
 // tensors (numel given), in one parallel loop.
 template <typename Fn>
 void for_each_chunk(const std::vector<int64_t>& numels, const Fn& fn) {
-  const int64_t K = static_cast<int64_t>(numels.size());
-  std::vector<int64_t> first_chunk(K + 1, 0);
-  for (int64_t k = 0; k < K; ++k)
-    first_chunk[k + 1] = first_chunk[k] + (numels[k] + kChunk - 1) / kChunk;
-  at::parallel_for(0, first_chunk[K], /*grain_size=*/4, [&](int64_t begin, int64_t end) {
-    int64_t k = std::upper_bound(first_chunk.begin(), first_chunk.end(), begin) -
-                first_chunk.begin() - 1;
-    for (int64_t c = begin; c < end; ++c) {
-      while (first_chunk[k + 1] <= c) ++k;  // also skips empty tensors
-      const int64_t e0 = (c - first_chunk[k]) * kChunk;
+  std::vector<int64_t> chunks(numels.size());
+  for (size_t k = 0; k < numels.size(); ++k) chunks[k] = (numels[k] + kChunk - 1) / kChunk;
+  parallel_over_tensor_units(chunks, /*grain_size=*/4, [&](int64_t k, int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t e0 = c * kChunk;
       fn(k, e0, std::min(numels[k], e0 + kChunk));
     }
   });

@@ -16,6 +16,7 @@
 
 #include "../common/philox.h"
 #include "../common/zo_args.h"
+#include "multi_tensor.h"
 #include "../common/zo_undo.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -187,8 +188,8 @@ void zo_undo_axpby_cpu(at::TensorList params, int64_t undo_seed, at::ArrayRef<do
   for (int64_t s = 0; s < S && shared < 0; ++s)
     if (seeds[s] == undo_seed) shared = s;
 
-  std::vector<int64_t> first_block(K + 1, 0);
-  for (int64_t k = 0; k < K; ++k) first_block[k + 1] = first_block[k] + num_blocks(params[k].numel());
+  std::vector<int64_t> blocks(K);
+  for (int64_t k = 0; k < K; ++k) blocks[k] = num_blocks(params[k].numel());
   std::vector<NoiseKey> keys(std::max<int64_t>(S * K, 1));
   std::vector<NoiseKey> ukeys(K);
   for (int64_t k = 0; k < K; ++k) {
@@ -204,13 +205,8 @@ void zo_undo_axpby_cpu(at::TensorList params, int64_t undo_seed, at::ArrayRef<do
       coeffs_f[k * S + s] = static_cast<float>(coeffs[s * K + k]);
     }
 
-  at::parallel_for(0, first_block[K], /*grain_size=*/32, [&](int64_t begin, int64_t end) {
-    int64_t k = std::upper_bound(first_block.begin(), first_block.end(), begin) - first_block.begin() - 1;
-    for (int64_t b = begin; b < end;) {
-      while (first_block[k + 1] <= b) ++k;  // also skips empty tensors
-      const int64_t stop = std::min(end, first_block[k + 1]);
+  parallel_over_tensor_units(blocks, /*grain_size=*/32, [&](int64_t k, int64_t lb0, int64_t lb1) {
       const at::Tensor& p = params[k];
-      const int64_t lb0 = b - first_block[k], lb1 = stop - first_block[k];
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "zo_undo_axpby_cpu", [&] {
         using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
         const acc_t* cs = pick<acc_t>(coeffs_f, coeffs_d) + k * S;
@@ -232,8 +228,6 @@ void zo_undo_axpby_cpu(at::TensorList params, int64_t undo_seed, at::ArrayRef<do
                                                            shared, d, lb0, lb1);
         }
       });
-      b = stop;
-    }
   });
 }
 
@@ -245,8 +239,8 @@ void zo_axpby_cpu(at::TensorList params, at::IntArrayRef seeds, at::IntArrayRef 
   if (K == 0) return;
 
   // One parallel loop over the blocks of all tensors (the CPU's multi-tensor launch).
-  std::vector<int64_t> first_block(K + 1, 0);
-  for (int64_t k = 0; k < K; ++k) first_block[k + 1] = first_block[k] + num_blocks(params[k].numel());
+  std::vector<int64_t> blocks(K);
+  for (int64_t k = 0; k < K; ++k) blocks[k] = num_blocks(params[k].numel());
   std::vector<NoiseKey> keys(S * K);
   for (int64_t s = 0; s < S; ++s)
     for (int64_t k = 0; k < K; ++k)
@@ -259,13 +253,8 @@ void zo_axpby_cpu(at::TensorList params, at::IntArrayRef seeds, at::IntArrayRef 
       coeffs_f[k * S + s] = static_cast<float>(coeffs[s * K + k]);
     }
 
-  at::parallel_for(0, first_block[K], /*grain_size=*/32, [&](int64_t begin, int64_t end) {
-    int64_t k = std::upper_bound(first_block.begin(), first_block.end(), begin) - first_block.begin() - 1;
-    for (int64_t b = begin; b < end;) {
-      while (first_block[k + 1] <= b) ++k;  // also skips empty tensors
-      const int64_t stop = std::min(end, first_block[k + 1]);
+  parallel_over_tensor_units(blocks, /*grain_size=*/32, [&](int64_t k, int64_t lb0, int64_t lb1) {
       const at::Tensor& p = params[k];
-      const int64_t lb0 = b - first_block[k], lb1 = stop - first_block[k];
       AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "zo_axpby_cpu", [&] {
         if constexpr (std::is_same_v<scalar_t, double>) {
           axpby_blocks<double, double>(p.data_ptr<double>(), p.numel(), &keys[k * S],
@@ -276,8 +265,6 @@ void zo_axpby_cpu(at::TensorList params, at::IntArrayRef seeds, at::IntArrayRef 
                                         lb1);
         }
       });
-      b = stop;
-    }
   });
 }
 
