@@ -6,11 +6,12 @@ import warnings
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import ftops
 from ftops import _ops
 from ftops.mezo import MeZO, noise_like, replay
+
+from _dist import spawn
 
 
 def least_squares(device, dtype=torch.float32, m=64, n=13, seed=0):
@@ -355,12 +356,7 @@ def test_mixed_dtypes_in_one_optimizer(device):
 
 # --- data parallel --------------------------------------------------------------------------------
 
-def _ddp_worker(rank, world, out_dir):
-    import torch.distributed as dist
-    # a file rendezvous: no TCP port to race other processes for
-    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'rendezvous')}",
-                            rank=rank, world_size=world)
-    torch.set_num_threads(1)
+def _ddp_body(rank, world, out_dir):
     A, b = least_squares("cpu", m=64)
     half = slice(rank * 32, (rank + 1) * 32)
     torch.manual_seed(0)
@@ -369,11 +365,10 @@ def _ddp_worker(rank, world, out_dir):
     for _ in range(10):
         opt.step(lambda: ((model(A[half]).squeeze(1) - b[half]) ** 2).mean())
     torch.save([p.detach() for p in model.parameters()], os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.destroy_process_group()
 
 
 def test_data_parallel_two_ranks(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    spawn(_ddp_body, 2, tmp_path)
     r0 = torch.load(tmp_path / "rank0.pt")
     r1 = torch.load(tmp_path / "rank1.pt")
     for a, b in zip(r0, r1):
