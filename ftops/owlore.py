@@ -54,6 +54,7 @@ the ``gamma`` active blocks plus everything outside the blocks, independent of d
 """
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from typing import Any, Iterable, Mapping, Sequence
@@ -62,6 +63,8 @@ import torch
 from torch import nn
 
 __all__ = ["OwLore", "outlier_ratios", "find_blocks", "galore_param_groups"]
+
+logger = logging.getLogger(__name__)
 
 # Attribute paths, tried in order, to a model's list of transformer blocks.
 _BLOCK_PATHS = (
@@ -434,6 +437,7 @@ class OwLore:
             active = self._sample()
             self._apply(active)
             self.history.append(active)
+            logger.info("OwLore: step %d trains blocks %s", self.steps, active)
         self.steps += 1
 
     def block_parameters(self, index: int) -> list[torch.nn.Parameter]:

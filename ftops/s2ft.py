@@ -526,6 +526,16 @@ class _SliceLinear(nn.Module, abc.ABC):
         self._relink()
         return self
 
+    def __setstate__(self, state):  # copy.deepcopy and unpickling
+        super().__setstate__(state)
+        self._relink()
+
+    def _check_links(self) -> None:
+        # The data-pointer checks of _relink would break a torch.compile graph; under compile rely
+        # on _apply and __setstate__ having relinked (only replacing a tensor by hand cuts the link).
+        if not torch.compiler.is_compiling():
+            self._relink()
+
     def _slices_need_grad(self) -> bool:
         return torch.is_grad_enabled() and any(
             getattr(self, pname) is not None and getattr(self, pname).requires_grad
@@ -577,7 +587,7 @@ class RowSliceLinear(_SliceLinear):
             yield "bias_slice", self.bias, self.rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._relink()
+        self._check_links()
         if self._slices_need_grad():
             return _RowSliceFn.apply(x, self.weight, self.bias, self.weight_slice, self.bias_slice)
         return F.linear(x, self.weight, self.bias)
@@ -630,7 +640,7 @@ class ColumnSliceLinear(_SliceLinear):
         yield "weight_slice", self.weight_t, self.cols
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._relink()
+        self._check_links()
         if self._slices_need_grad():
             return _ColumnSliceFn.apply(x, self.weight_t, self.bias, self.weight_slice)
         return F.linear(x, self.weight_t.t(), self.bias)

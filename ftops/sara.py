@@ -278,8 +278,15 @@ class SaRA(torch.optim.Optimizer):
         modules: which layers: ``None`` for every ``nn.Linear`` and ``nn.Conv1d/2d/3d``, a
             callable ``(name, module) -> bool`` filtering those, or a list of module names.
         seed: seed of the generator that picks the nuclear-norm matrix each step.
+        max_grad_norm: if set, ``step()`` first clips the values' gradients to this total norm
+            (``torch.nn.utils.clip_grad_norm_``; before the nuclear-norm term is added). The
+            values are not parameters of the model, so clipping ``model.parameters()`` (as
+            ``transformers.Trainer``'s ``max_grad_norm`` does) does not reach them.
 
     The training loop is unchanged: ``loss.backward(); opt.step(); opt.zero_grad()``.
+    ``step()`` consumes the values' gradients (sets them to None), so a loop that clears
+    gradients with ``model.zero_grad()`` (``transformers.Trainer`` does) cannot accumulate stale
+    ones into the next step: the values are not model parameters.
     ``param_groups[0]["params"]`` are the trainable value vectors (one per managed weight, in
     :attr:`names` order). :meth:`delta` returns the exact sparse update, :func:`load` applies it
     to a fresh pretrained model, :meth:`unwrap` (or :func:`unwrap`) makes the model plain again.
@@ -291,7 +298,7 @@ class SaRA(torch.optim.Optimizer):
                  betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0,
                  eps: float = 1e-8,
                  modules: Union[None, Callable[[str, nn.Module], bool], Sequence[str]] = None,
-                 seed: int = 0):
+                 seed: int = 0, max_grad_norm: Optional[float] = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"ftops.SaRA: model must be an nn.Module, got {type(model).__name__}")
         if fraction is not None:
@@ -320,6 +327,11 @@ class SaRA(torch.optim.Optimizer):
             raise ValueError(f"ftops.SaRA: eps must be finite and >= 0, got {eps!r}")
         if not math.isfinite(weight_decay):
             raise ValueError(f"ftops.SaRA: weight_decay must be finite, got {weight_decay!r}")
+        if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float))
+                                              and max_grad_norm > 0):
+            raise ValueError(f"ftops.SaRA: max_grad_norm must be a number > 0 or None, got "
+                             f"{max_grad_norm!r}")
+        self.max_grad_norm = max_grad_norm
 
         candidates = _resolve_modules(model, modules)
         if not candidates:
@@ -443,6 +455,10 @@ class SaRA(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         group = self.param_groups[0]
+        if self.max_grad_norm is not None:
+            grads = [mg.values for mg in self._managed if mg.values.grad is not None]
+            if grads:
+                torch.nn.utils.clip_grad_norm_(grads, self.max_grad_norm)
         self._last_rank_matrix = self._add_nuclear_grad(float(group["lambda_rank"]))
         params, grads, m1, m2, steps, touched = [], [], [], [], [], []
         for mg in self._managed:
@@ -464,6 +480,8 @@ class SaRA(torch.optim.Optimizer):
         for mg, s in zip(touched, steps):
             self.state[mg.values]["step"].fill_(float(s))
             mg.apply_()
+        for mg in self._managed:
+            mg.values.grad = None  # consumed; see the class docstring
         group["sara_step"] += 1
         pit = group["progressive_iter"]
         if pit is not None and group["sara_step"] == pit:
