@@ -53,6 +53,7 @@ Layerwise training (:func:`layerwise`) steps one optimizer per parameter from
 """
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from collections.abc import MutableMapping
@@ -61,6 +62,8 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from . import _adamw
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["GaLoreAdamW", "layerwise", "Layerwise", "svd_basis", "randomized_basis"]
 
@@ -254,6 +257,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
                     "refresh is retried on the next step). Warned once per optimizer.",
                     RuntimeWarning, stacklevel=3)
             return None
+        logger.debug("GaLoreAdamW: projector refresh of parameter %d %s (rank %d, %s, %s side)",
+                     index, tuple(grad.shape), rank, group["projector"], side)
         if group["projector"] == "svd":
             return svd_basis(grad, rank, side)
         gen = torch.Generator(device=grad.device)

@@ -53,6 +53,7 @@ middle of training) for no benefit. The step counts are kept too.
 """
 from __future__ import annotations
 
+import logging
 import math
 import types
 from typing import Callable, Iterable, Optional, Sequence, Union
@@ -67,6 +68,8 @@ from ._adamw import fused_adamw, moment_dtype
 __all__ = ["SaRA", "load", "unwrap", "paper_lr", "values_dtype", "nuclear_norm_grad", "sddmm"]
 
 sddmm = _ops.sddmm
+
+logger = logging.getLogger(__name__)
 
 _FLOAT_TYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -494,6 +497,7 @@ class SaRA(torch.optim.Optimizer):
         intersected with the current set. Dropped entries keep their trained values (frozen);
         the survivors keep their values, Adam moments and step counts."""
         self._check_open()
+        before = self.num_trainable()
         with torch.no_grad():
             for mg in self._managed:
                 p = mg.values
@@ -514,6 +518,8 @@ class SaRA(torch.optim.Optimizer):
                 mg.base = mg.base[keep].contiguous()
                 p.grad = None
                 p.data = p.detach()[keep].contiguous()
+        logger.info("SaRA: progressive reselection keeps %d of %d trainable entries",
+                    self.num_trainable(), before)
 
     # -- save / load / unwrap -------------------------------------------------------------------
 
