@@ -23,6 +23,22 @@ summary+=("build: rc=$rc in $(( $(date +%s) - start )) s")
 [ "$rc" -eq 0 ] || { printf '%s\n' "${summary[@]}"; exit 1; }
 (cd /tmp && $PY -c "import ftops; print(ftops.build_info())")
 
+# README "Known issues": an argument error raised in our library must be a RuntimeError, not a
+# crash. Checked first, in its own process, so the answer is on screen seconds after the build.
+log=/tmp/ftops_error_check.log
+(cd /tmp && timeout 120 $PY -c "import torch, ftops; torch.ops.ftops.zo_noise(torch.zeros(3), 0, -1)" > "$log" 2>&1)
+rc=$?
+if grep -q "RuntimeError: ftops.zo_noise: index = -1 is outside" "$log"; then
+  err="OK, raised RuntimeError"
+elif [ "$rc" -gt 128 ]; then
+  err="CRASHED: died with signal $((rc - 128)) ($(kill -l $((rc - 128)) 2>/dev/null))"
+else
+  err="UNEXPECTED (rc=$rc): $(tail -1 "$log" | cut -c1-200)"
+fi
+echo "error check (zo_noise(torch.zeros(3), 0, -1)): $err"
+echo "  $(${CXX:-c++} --version 2>/dev/null | head -1); $(cd /tmp && $PY -c "import torch, ftops; print(' '.join(sorted({l.split()[-1] for l in open('/proc/self/maps') if 'libstdc++' in l})))" 2>&1 | tail -1)"
+summary+=("error check: $err")
+
 # One pytest process per file, verbose, so a crash in one file names its test and spares the rest.
 start=$(date +%s)
 for f in tests/test_*.py; do

@@ -8,6 +8,7 @@
 #include <cstdint>
 
 #include "adamw_math.h"
+#include "check.h"
 
 namespace ftops {
 namespace adamw_detail {
@@ -24,43 +25,43 @@ inline at::ScalarType moment_dtype(at::ScalarType t) {
 // Defined, dense, contiguous, on `device` (the device of the list's first tensor).
 inline void check_tensor(const at::Tensor& t, const char* op, const char* arg, size_t k,
                          const at::Device& device, const char* first_arg) {
-  TORCH_CHECK(t.defined(), op, ": ", arg, "[", k, "] is undefined");
-  TORCH_CHECK(t.layout() == at::kStrided, op, ": ", arg, "[", k,
+  FTOPS_CHECK(t.defined(), op, ": ", arg, "[", k, "] is undefined");
+  FTOPS_CHECK(t.layout() == at::kStrided, op, ": ", arg, "[", k,
               "] must be a dense (strided) tensor, got layout ", t.layout());
-  TORCH_CHECK(t.device() == device, op, ": ", arg, "[", k, "] is on ", t.device(), " but ",
+  FTOPS_CHECK(t.device() == device, op, ": ", arg, "[", k, "] is on ", t.device(), " but ",
               first_arg, "[0] is on ", device);
-  TORCH_CHECK(t.is_contiguous(), op, ": ", arg, "[", k, "] must be contiguous (got sizes ",
+  FTOPS_CHECK(t.is_contiguous(), op, ": ", arg, "[", k, "] must be contiguous (got sizes ",
               t.sizes(), ", strides ", t.strides(), ")");
 }
 
 inline void check_same_shape(const at::Tensor& t, const char* op, const char* arg,
                              const at::Tensor& ref, const char* ref_arg, size_t k) {
-  TORCH_CHECK(t.sizes() == ref.sizes(), op, ": ", arg, "[", k, "] has shape ", t.sizes(),
+  FTOPS_CHECK(t.sizes() == ref.sizes(), op, ": ", arg, "[", k, "] has shape ", t.sizes(),
               " but ", ref_arg, "[", k, "] has shape ", ref.sizes());
 }
 
 inline void check_dtype(const at::Tensor& t, const char* op, const char* arg, size_t k,
                         at::ScalarType want, const char* why) {
-  TORCH_CHECK(t.scalar_type() == want, op, ": ", arg, "[", k, "] has dtype ", t.scalar_type(),
+  FTOPS_CHECK(t.scalar_type() == want, op, ": ", arg, "[", k, "] has dtype ", t.scalar_type(),
               " but must be ", want, " (", why, ")");
 }
 
 inline void check_distinct(const at::Tensor& a, const char* a_arg, const at::Tensor& b,
                            const char* b_arg, const char* op, size_t k) {
-  TORCH_CHECK(a.numel() == 0 || a.data_ptr() != b.data_ptr(), op, ": ", a_arg, "[", k, "] and ",
+  FTOPS_CHECK(a.numel() == 0 || a.data_ptr() != b.data_ptr(), op, ": ", a_arg, "[", k, "] and ",
               b_arg, "[", k, "] share memory; they must be distinct tensors");
 }
 
 inline void check_hyper(const char* op, double beta1, double beta2, double eps, int64_t step) {
-  TORCH_CHECK(beta1 >= 0.0 && beta1 < 1.0, op, ": beta1 must be in [0, 1), got ", beta1);
-  TORCH_CHECK(beta2 >= 0.0 && beta2 < 1.0, op, ": beta2 must be in [0, 1), got ", beta2);
-  TORCH_CHECK(eps >= 0.0 && std::isfinite(eps), op, ": eps must be finite and >= 0, got ", eps);
-  TORCH_CHECK(step >= 1, op, ": step must be >= 1 (the step count after incrementing), got ",
+  FTOPS_CHECK(beta1 >= 0.0 && beta1 < 1.0, op, ": beta1 must be in [0, 1), got ", beta1);
+  FTOPS_CHECK(beta2 >= 0.0 && beta2 < 1.0, op, ": beta2 must be in [0, 1), got ", beta2);
+  FTOPS_CHECK(eps >= 0.0 && std::isfinite(eps), op, ": eps must be finite and >= 0, got ", eps);
+  FTOPS_CHECK(step >= 1, op, ": step must be >= 1 (the step count after incrementing), got ",
               step);
 }
 
 inline void check_lengths(const char* op, size_t n, const char* arg, size_t K, const char* ref) {
-  TORCH_CHECK(n == K, op, ": ", arg, " has ", n, " tensors but ", ref, " has ", K);
+  FTOPS_CHECK(n == K, op, ": ", arg, " has ", n, " tensors but ", ref, " has ", K);
 }
 
 }  // namespace adamw_detail
@@ -79,18 +80,18 @@ inline void check_adamw_args(at::TensorList params, at::TensorList grads, at::Te
   check_lengths(op, exp_avgs.size(), "exp_avgs", K, "params");
   check_lengths(op, exp_avg_sqs.size(), "exp_avg_sqs", K, "params");
   check_hyper(op, beta1, beta2, eps, step);
-  TORCH_CHECK(std::isfinite(lr), op, ": lr must be finite, got ", lr);
-  TORCH_CHECK(std::isfinite(weight_decay), op, ": weight_decay must be finite, got ",
+  FTOPS_CHECK(std::isfinite(lr), op, ": lr must be finite, got ", lr);
+  FTOPS_CHECK(std::isfinite(weight_decay), op, ": weight_decay must be finite, got ",
               weight_decay);
   if (K == 0) return;
-  TORCH_CHECK(params[0].defined(), op, ": params[0] is undefined");
+  FTOPS_CHECK(params[0].defined(), op, ": params[0] is undefined");
   const at::Device device = params[0].device();
-  TORCH_CHECK(device.type() == device_type, op, ": params[0] is on ", device,
+  FTOPS_CHECK(device.type() == device_type, op, ": params[0] is on ", device,
               " but this kernel is for ", device_type);
   for (size_t k = 0; k < K; ++k) {
     const at::Tensor& p = params[k];
     check_tensor(p, op, "params", k, device, "params");
-    TORCH_CHECK(is_float_type(p.scalar_type()), op, ": params[", k, "] has dtype ",
+    FTOPS_CHECK(is_float_type(p.scalar_type()), op, ": params[", k, "] has dtype ",
                 p.scalar_type(), "; supported: float32, float64, float16, bfloat16");
     check_tensor(grads[k], op, "grads", k, device, "params");
     check_tensor(exp_avgs[k], op, "exp_avgs", k, device, "params");
@@ -123,14 +124,14 @@ inline void check_adam_direction_args(at::TensorList grads, at::TensorList exp_a
   check_lengths(op, out.size(), "out", K, "grads");
   check_hyper(op, beta1, beta2, eps, step);
   if (K == 0) return;
-  TORCH_CHECK(grads[0].defined(), op, ": grads[0] is undefined");
+  FTOPS_CHECK(grads[0].defined(), op, ": grads[0] is undefined");
   const at::Device device = grads[0].device();
-  TORCH_CHECK(device.type() == device_type, op, ": grads[0] is on ", device,
+  FTOPS_CHECK(device.type() == device_type, op, ": grads[0] is on ", device,
               " but this kernel is for ", device_type);
   for (size_t k = 0; k < K; ++k) {
     const at::Tensor& g = grads[k];
     check_tensor(g, op, "grads", k, device, "grads");
-    TORCH_CHECK(is_float_type(g.scalar_type()), op, ": grads[", k, "] has dtype ",
+    FTOPS_CHECK(is_float_type(g.scalar_type()), op, ": grads[", k, "] has dtype ",
                 g.scalar_type(), "; supported: float32, float64, float16, bfloat16");
     check_tensor(exp_avgs[k], op, "exp_avgs", k, device, "grads");
     check_tensor(exp_avg_sqs[k], op, "exp_avg_sqs", k, device, "grads");
@@ -143,7 +144,7 @@ inline void check_adam_direction_args(at::TensorList grads, at::TensorList exp_a
                                         : "moments are float32 unless grads are float64";
     check_dtype(exp_avgs[k], op, "exp_avgs", k, md, why);
     check_dtype(exp_avg_sqs[k], op, "exp_avg_sqs", k, md, why);
-    TORCH_CHECK(out[k].scalar_type() == g.scalar_type() || out[k].scalar_type() == md, op,
+    FTOPS_CHECK(out[k].scalar_type() == g.scalar_type() || out[k].scalar_type() == md, op,
                 ": out[", k, "] has dtype ", out[k].scalar_type(), " but must be ",
                 g.scalar_type(), " (the dtype of grads[k]) or ", md, " (the moment dtype)");
     check_distinct(exp_avgs[k], "exp_avgs", exp_avg_sqs[k], "exp_avg_sqs", op, k);

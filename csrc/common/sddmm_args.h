@@ -4,6 +4,8 @@
 
 #include <cstdint>
 
+#include "check.h"
+
 namespace ftops {
 
 // dy (T, m) and x (T, n): 2-D, same float dtype, same device of type device_type; rows and cols:
@@ -11,36 +13,36 @@ namespace ftops {
 inline void check_sddmm_args(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& rows,
                              const at::Tensor& cols, c10::DeviceType device_type) {
   const char* op = "ftops.sddmm";
-  TORCH_CHECK(dy.defined() && x.defined() && rows.defined() && cols.defined(), op,
+  FTOPS_CHECK(dy.defined() && x.defined() && rows.defined() && cols.defined(), op,
               ": undefined tensor argument");
-  TORCH_CHECK(dy.layout() == at::kStrided && x.layout() == at::kStrided &&
+  FTOPS_CHECK(dy.layout() == at::kStrided && x.layout() == at::kStrided &&
                   rows.layout() == at::kStrided && cols.layout() == at::kStrided,
               op, ": all arguments must be dense (strided) tensors");
-  TORCH_CHECK(dy.dim() == 2, op, ": dy must be 2-D (T, m), got shape ", dy.sizes());
-  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (T, n), got shape ", x.sizes());
-  TORCH_CHECK(dy.size(0) == x.size(0), op, ": dy (", dy.sizes(), ") and x (", x.sizes(),
+  FTOPS_CHECK(dy.dim() == 2, op, ": dy must be 2-D (T, m), got shape ", dy.sizes());
+  FTOPS_CHECK(x.dim() == 2, op, ": x must be 2-D (T, n), got shape ", x.sizes());
+  FTOPS_CHECK(dy.size(0) == x.size(0), op, ": dy (", dy.sizes(), ") and x (", x.sizes(),
               ") must have the same number of rows T");
   const at::ScalarType t = dy.scalar_type();
-  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, op,
+  FTOPS_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, op,
               ": dy has dtype ", t, "; supported: float32, float64, float16, bfloat16");
-  TORCH_CHECK(x.scalar_type() == t, op, ": x has dtype ", x.scalar_type(), " but dy has ", t,
+  FTOPS_CHECK(x.scalar_type() == t, op, ": x has dtype ", x.scalar_type(), " but dy has ", t,
               "; they must match");
-  TORCH_CHECK(rows.dim() == 1, op, ": rows must be 1-D, got shape ", rows.sizes());
-  TORCH_CHECK(cols.dim() == 1, op, ": cols must be 1-D, got shape ", cols.sizes());
-  TORCH_CHECK(rows.size(0) == cols.size(0), op, ": rows has ", rows.size(0), " entries but cols has ",
+  FTOPS_CHECK(rows.dim() == 1, op, ": rows must be 1-D, got shape ", rows.sizes());
+  FTOPS_CHECK(cols.dim() == 1, op, ": cols must be 1-D, got shape ", cols.sizes());
+  FTOPS_CHECK(rows.size(0) == cols.size(0), op, ": rows has ", rows.size(0), " entries but cols has ",
               cols.size(0));
   const at::ScalarType it = rows.scalar_type();
-  TORCH_CHECK(it == at::kInt || it == at::kLong, op, ": rows has dtype ", it,
+  FTOPS_CHECK(it == at::kInt || it == at::kLong, op, ": rows has dtype ", it,
               "; indices must be int32 or int64");
-  TORCH_CHECK(cols.scalar_type() == it, op, ": cols has dtype ", cols.scalar_type(),
+  FTOPS_CHECK(cols.scalar_type() == it, op, ": cols has dtype ", cols.scalar_type(),
               " but rows has ", it, "; they must match");
-  TORCH_CHECK(dy.device().type() == device_type, op, ": dy is on ", dy.device(),
+  FTOPS_CHECK(dy.device().type() == device_type, op, ": dy is on ", dy.device(),
               " but this kernel is for ", device_type);
-  TORCH_CHECK(x.device() == dy.device(), op, ": x is on ", x.device(), " but dy is on ",
+  FTOPS_CHECK(x.device() == dy.device(), op, ": x is on ", x.device(), " but dy is on ",
               dy.device());
-  TORCH_CHECK(rows.device() == dy.device(), op, ": rows is on ", rows.device(),
+  FTOPS_CHECK(rows.device() == dy.device(), op, ": rows is on ", rows.device(),
               " but dy is on ", dy.device());
-  TORCH_CHECK(cols.device() == dy.device(), op, ": cols is on ", cols.device(),
+  FTOPS_CHECK(cols.device() == dy.device(), op, ": cols is on ", cols.device(),
               " but dy is on ", dy.device());
 }
 
@@ -53,9 +55,9 @@ inline void check_sddmm_bounds(const at::Tensor& rows, const at::Tensor& cols, i
   auto [cmin, cmax] = at::aminmax(cols);
   const at::Tensor mm = at::stack({rmin, rmax, cmin, cmax}).to(at::kLong).cpu();
   const int64_t* v = mm.data_ptr<int64_t>();
-  TORCH_CHECK(v[0] >= 0 && v[1] < m, "ftops.sddmm: rows must lie in [0, m) = [0, ", m,
+  FTOPS_CHECK(v[0] >= 0 && v[1] < m, "ftops.sddmm: rows must lie in [0, m) = [0, ", m,
               ") (m = dy.size(1)) but range over [", v[0], ", ", v[1], "]");
-  TORCH_CHECK(v[2] >= 0 && v[3] < n, "ftops.sddmm: cols must lie in [0, n) = [0, ", n,
+  FTOPS_CHECK(v[2] >= 0 && v[3] < n, "ftops.sddmm: cols must lie in [0, n) = [0, ", n,
               ") (n = x.size(1)) but range over [", v[2], ", ", v[3], "]");
 }
 

@@ -6,6 +6,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "check.h"
+
 namespace ftops {
 
 // At most this many seeds per zo_axpby_ call (the Python layer splits longer lists), so the
@@ -18,15 +20,15 @@ inline bool is_supported_float(at::ScalarType t) {
 
 inline void check_param(const at::Tensor& p, const char* op, const char* arg, size_t k,
                         c10::DeviceType device_type) {
-  TORCH_CHECK(p.defined(), op, ": ", arg, "[", k, "] is undefined");
-  TORCH_CHECK(p.layout() == at::kStrided, op, ": ", arg, "[", k,
+  FTOPS_CHECK(p.defined(), op, ": ", arg, "[", k, "] is undefined");
+  FTOPS_CHECK(p.layout() == at::kStrided, op, ": ", arg, "[", k,
               "] must be a dense (strided) tensor, got layout ", p.layout());
-  TORCH_CHECK(p.device().type() == device_type, op, ": ", arg, "[", k, "] is on ", p.device(),
+  FTOPS_CHECK(p.device().type() == device_type, op, ": ", arg, "[", k, "] is on ", p.device(),
               " but the other tensors are on ", device_type);
-  TORCH_CHECK(is_supported_float(p.scalar_type()), op, ": ", arg, "[", k,
+  FTOPS_CHECK(is_supported_float(p.scalar_type()), op, ": ", arg, "[", k,
               "] has dtype ", p.scalar_type(),
               "; supported: float32, float64, float16, bfloat16");
-  TORCH_CHECK(p.is_contiguous(), op, ": ", arg, "[", k,
+  FTOPS_CHECK(p.is_contiguous(), op, ": ", arg, "[", k,
               "] must be contiguous (got strides ", p.strides(), ")");
 }
 
@@ -36,18 +38,18 @@ inline void check_zo_axpby_args(at::TensorList params, at::IntArrayRef seeds, at
                                 c10::DeviceType device_type) {
   const char* op = "ftops.zo_axpby_";
   const size_t K = params.size();
-  TORCH_CHECK(ids.size() == K, op, ": ids has ", ids.size(), " entries but params has ", K);
-  TORCH_CHECK(decay.size() == K, op, ": decay has ", decay.size(), " entries but params has ",
+  FTOPS_CHECK(ids.size() == K, op, ": ids has ", ids.size(), " entries but params has ", K);
+  FTOPS_CHECK(decay.size() == K, op, ": decay has ", decay.size(), " entries but params has ",
               K);
-  TORCH_CHECK(!seeds.empty() && static_cast<int64_t>(seeds.size()) <= kMaxSeedsPerCall, op,
+  FTOPS_CHECK(!seeds.empty() && static_cast<int64_t>(seeds.size()) <= kMaxSeedsPerCall, op,
               ": seeds must have 1 to ", kMaxSeedsPerCall, " entries, got ", seeds.size());
-  TORCH_CHECK(coeffs.size() == seeds.size() * K, op, ": coeffs must have len(seeds) * len(params) = ",
+  FTOPS_CHECK(coeffs.size() == seeds.size() * K, op, ": coeffs must have len(seeds) * len(params) = ",
               seeds.size() * K, " entries, got ", coeffs.size());
   for (size_t k = 0; k < K; ++k) {
     check_param(params[k], op, "params", k, device_type);
-    TORCH_CHECK(params[k].device() == params[0].device(), op, ": params[", k, "] is on ",
+    FTOPS_CHECK(params[k].device() == params[0].device(), op, ": params[", k, "] is on ",
                 params[k].device(), " but params[0] is on ", params[0].device());
-    TORCH_CHECK(ids[k] >= 0 && ids[k] <= static_cast<int64_t>(UINT32_MAX), op, ": ids[", k,
+    FTOPS_CHECK(ids[k] >= 0 && ids[k] <= static_cast<int64_t>(UINT32_MAX), op, ": ids[", k,
                 "] = ", ids[k], " is outside [0, 2^32)");
   }
 }
@@ -60,21 +62,21 @@ inline void check_zo_undo_axpby_args(at::TensorList params, at::ArrayRef<double>
                                      c10::DeviceType device_type) {
   const char* op = "ftops.zo_undo_axpby_";
   const size_t K = params.size();
-  TORCH_CHECK(undo_coeffs.size() == K, op, ": undo_coeffs has ", undo_coeffs.size(),
+  FTOPS_CHECK(undo_coeffs.size() == K, op, ": undo_coeffs has ", undo_coeffs.size(),
               " entries but params has ", K);
-  TORCH_CHECK(ids.size() == K, op, ": ids has ", ids.size(), " entries but params has ", K);
-  TORCH_CHECK(decay.size() == K, op, ": decay has ", decay.size(), " entries but params has ",
+  FTOPS_CHECK(ids.size() == K, op, ": ids has ", ids.size(), " entries but params has ", K);
+  FTOPS_CHECK(decay.size() == K, op, ": decay has ", decay.size(), " entries but params has ",
               K);
-  TORCH_CHECK(static_cast<int64_t>(seeds.size()) <= kMaxSeedsPerCall, op,
+  FTOPS_CHECK(static_cast<int64_t>(seeds.size()) <= kMaxSeedsPerCall, op,
               ": seeds must have 0 to ", kMaxSeedsPerCall, " entries, got ", seeds.size());
-  TORCH_CHECK(coeffs.size() == seeds.size() * K, op,
+  FTOPS_CHECK(coeffs.size() == seeds.size() * K, op,
               ": coeffs must have len(seeds) * len(params) = ", seeds.size() * K,
               " entries, got ", coeffs.size());
   for (size_t k = 0; k < K; ++k) {
     check_param(params[k], op, "params", k, device_type);
-    TORCH_CHECK(params[k].device() == params[0].device(), op, ": params[", k, "] is on ",
+    FTOPS_CHECK(params[k].device() == params[0].device(), op, ": params[", k, "] is on ",
                 params[k].device(), " but params[0] is on ", params[0].device());
-    TORCH_CHECK(ids[k] >= 0 && ids[k] <= static_cast<int64_t>(UINT32_MAX), op, ": ids[", k,
+    FTOPS_CHECK(ids[k] >= 0 && ids[k] <= static_cast<int64_t>(UINT32_MAX), op, ": ids[", k,
                 "] = ", ids[k], " is outside [0, 2^32)");
   }
 }

@@ -12,6 +12,7 @@
 
 #include "../common/adamw_args.h"
 #include "../common/adamw_math.h"
+#include "../common/dispatch.h"
 #include "multi_tensor.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -119,7 +120,7 @@ void adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_a
   for_each_chunk(numels, [&](int64_t k, int64_t e0, int64_t e1) {
     const at::Tensor& p = params[k];
     const int64_t n = e1 - e0;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "adamw_cpu", [&] {
+    FTOPS_DISPATCH_FLOAT_TYPES(p.scalar_type(), "adamw_cpu", [&] {
       using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
       const AdamwCoeffs<acc_t>& c = pick<acc_t>(cf, cd);
       adamw_range<scalar_t, acc_t>(p.data_ptr<scalar_t>() + e0,
@@ -145,7 +146,7 @@ void adam_direction_cpu(at::TensorList grads, at::TensorList exp_avgs,
     const at::Tensor& g = grads[k];
     const int64_t n = e1 - e0;
     const bool out_is_acc = out[k].scalar_type() != g.scalar_type();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, g.scalar_type(), "adam_direction_cpu", [&] {
+    FTOPS_DISPATCH_FLOAT_TYPES(g.scalar_type(), "adam_direction_cpu", [&] {
       using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
       const AdamDirCoeffs<acc_t>& c = pick<acc_t>(cf, cd);
       const scalar_t* gp = g.data_ptr<scalar_t>() + e0;

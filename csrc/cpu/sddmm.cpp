@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "../common/sddmm_args.h"
+#include "../common/dispatch.h"
 
 namespace ftops {
 namespace {
@@ -227,7 +228,7 @@ at::Tensor sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
   at::Tensor acc = acc_type == dy.scalar_type() ? out : at::empty({nnz}, out.options().dtype(acc_type));
   at::Tensor B = at::empty({n, T}, dy.options().dtype(acc_type));
   const Isa isa = detect_isa();
-  AT_DISPATCH_INDEX_TYPES(rows.scalar_type(), "sddmm_cpu", [&] {
+  FTOPS_DISPATCH_INDEX_TYPES(rows.scalar_type(), "sddmm_cpu", [&] {
     const index_t* rp = rows.data_ptr<index_t>();
     const index_t* cp = cols.data_ptr<index_t>();
     // Bounds, serially (O(nnz), small next to the O(nnz * T) dots; an exception must not be
@@ -241,11 +242,11 @@ at::Tensor sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
       cmin = std::min(cmin, cp[k]);
       cmax = std::max(cmax, cp[k]);
     }
-    TORCH_CHECK(rmin >= 0 && rmax < m, "ftops.sddmm: rows must lie in [0, m) = [0, ", m,
+    FTOPS_CHECK(rmin >= 0 && rmax < m, "ftops.sddmm: rows must lie in [0, m) = [0, ", m,
                 ") (m = dy.size(1)) but range over [", rmin, ", ", rmax, "]");
-    TORCH_CHECK(cmin >= 0 && cmax < n, "ftops.sddmm: cols must lie in [0, n) = [0, ", n,
+    FTOPS_CHECK(cmin >= 0 && cmax < n, "ftops.sddmm: cols must lie in [0, n) = [0, ", n,
                 ") (n = x.size(1)) but range over [", cmin, ", ", cmax, "]");
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(), "sddmm_cpu", [&] {
+    FTOPS_DISPATCH_FLOAT_TYPES(dy.scalar_type(), "sddmm_cpu", [&] {
       using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
       acc_t* Bp = B.data_ptr<acc_t>();
       acc_t* op = acc.data_ptr<acc_t>();

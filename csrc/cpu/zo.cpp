@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "../common/philox.h"
+#include "../common/dispatch.h"
 #include "../common/zo_args.h"
 #include "multi_tensor.h"
 #include "../common/zo_undo.h"
@@ -207,7 +208,7 @@ void zo_undo_axpby_cpu(at::TensorList params, int64_t undo_seed, at::ArrayRef<do
 
   parallel_over_tensor_units(blocks, /*grain_size=*/32, [&](int64_t k, int64_t lb0, int64_t lb1) {
       const at::Tensor& p = params[k];
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "zo_undo_axpby_cpu", [&] {
+      FTOPS_DISPATCH_FLOAT_TYPES(p.scalar_type(), "zo_undo_axpby_cpu", [&] {
         using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
         const acc_t* cs = pick<acc_t>(coeffs_f, coeffs_d) + k * S;
         const acc_t u = static_cast<acc_t>(undo_coeffs[k]);
@@ -255,7 +256,7 @@ void zo_axpby_cpu(at::TensorList params, at::IntArrayRef seeds, at::IntArrayRef 
 
   parallel_over_tensor_units(blocks, /*grain_size=*/32, [&](int64_t k, int64_t lb0, int64_t lb1) {
       const at::Tensor& p = params[k];
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.scalar_type(), "zo_axpby_cpu", [&] {
+      FTOPS_DISPATCH_FLOAT_TYPES(p.scalar_type(), "zo_axpby_cpu", [&] {
         if constexpr (std::is_same_v<scalar_t, double>) {
           axpby_blocks<double, double>(p.data_ptr<double>(), p.numel(), &keys[k * S],
                                        &coeffs_d[k * S], S, decay[k], lb0, lb1);
@@ -269,7 +270,7 @@ void zo_axpby_cpu(at::TensorList params, at::IntArrayRef seeds, at::IntArrayRef 
 }
 
 at::Tensor zo_noise_cpu(const at::Tensor& like, int64_t seed, int64_t index) {
-  TORCH_CHECK(index >= 0 && index <= static_cast<int64_t>(UINT32_MAX),
+  FTOPS_CHECK(index >= 0 && index <= static_cast<int64_t>(UINT32_MAX),
               "ftops.zo_noise: index = ", index, " is outside [0, 2^32)");
   at::Tensor out = at::empty(like.sizes(), like.options().dtype(at::kFloat).layout(at::kStrided)
                                                .memory_format(at::MemoryFormat::Contiguous));
@@ -283,7 +284,7 @@ at::Tensor zo_noise_cpu(const at::Tensor& like, int64_t seed, int64_t index) {
 }
 
 at::Tensor zo_noise_bits_cpu(const at::Tensor& like, int64_t seed, int64_t index) {
-  TORCH_CHECK(index >= 0 && index <= static_cast<int64_t>(UINT32_MAX),
+  FTOPS_CHECK(index >= 0 && index <= static_cast<int64_t>(UINT32_MAX),
               "ftops.zo_noise_bits: index = ", index, " is outside [0, 2^32)");
   at::Tensor out = at::empty({like.numel()}, like.options().dtype(at::kLong).layout(at::kStrided));
   const NoiseKey key = make_noise_key(static_cast<uint64_t>(seed), static_cast<uint64_t>(index));

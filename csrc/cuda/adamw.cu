@@ -19,6 +19,7 @@
 
 #include "../common/adamw_args.h"
 #include "../common/adamw_math.h"
+#include "../common/check.h"
 
 namespace ftops {
 namespace {
@@ -191,7 +192,7 @@ void adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_
         case at::kDouble: launch_adamw<double, double>(mt, cd); break;
         case at::kHalf: launch_adamw<at::Half, float>(mt, cf); break;
         case at::kBFloat16: launch_adamw<at::BFloat16, float>(mt, cf); break;
-        default: TORCH_CHECK(false, "ftops.adamw_: unsupported dtype ", dtype);
+        default: FTOPS_CHECK(false, "ftops.adamw_: unsupported dtype ", dtype);
       }
     });
   }
@@ -228,7 +229,7 @@ void adam_direction_cuda(at::TensorList grads, at::TensorList exp_avgs,
       } else if (gt == at::kBFloat16) {
         launch_direction<at::BFloat16, float, float>(mt, cf);
       } else {
-        TORCH_CHECK(false, "ftops.adam_direction_: unsupported dtypes ", gt, ", ", ot);
+        FTOPS_CHECK(false, "ftops.adam_direction_: unsupported dtypes ", gt, ", ", ot);
       }
     });
   }

@@ -14,6 +14,7 @@
 #include <algorithm>
 
 #include "../common/sddmm_args.h"
+#include "../common/dispatch.h"
 
 namespace ftops {
 namespace {
@@ -42,7 +43,7 @@ template <typename acc_t, typename out_t>
 void launch(const at::Tensor& A, const at::Tensor& B, int64_t T, const at::Tensor& rows,
             const at::Tensor& cols, at::Tensor& out) {
   const int64_t nnz = rows.size(0);
-  AT_DISPATCH_INDEX_TYPES(rows.scalar_type(), "sddmm_cuda", [&] {
+  FTOPS_DISPATCH_INDEX_TYPES(rows.scalar_type(), "sddmm_cuda", [&] {
     sddmm_kernel<acc_t, index_t, out_t>
         <<<grid_for(nnz, 32), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
             A.data_ptr<acc_t>(), B.data_ptr<acc_t>(), T, rows.data_ptr<index_t>(),
@@ -72,7 +73,7 @@ at::Tensor sddmm_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tenso
     case at::kDouble: launch<double, double>(A, B, T, rows, cols, out); break;
     case at::kHalf: launch<float, at::Half>(A, B, T, rows, cols, out); break;
     case at::kBFloat16: launch<float, at::BFloat16>(A, B, T, rows, cols, out); break;
-    default: TORCH_CHECK(false, "ftops.sddmm: unsupported dtype ", dy.scalar_type());
+    default: FTOPS_CHECK(false, "ftops.sddmm: unsupported dtype ", dy.scalar_type());
   }
   return out;
 }

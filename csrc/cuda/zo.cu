@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "../common/philox.h"
+#include "../common/check.h"
 #include "../common/zo_args.h"
 #include "../common/zo_undo.h"
 
@@ -180,7 +181,7 @@ void zo_axpby_cuda(at::TensorList params, at::IntArrayRef seeds, at::IntArrayRef
         case at::kDouble: launch_axpby<double, double>(args); break;
         case at::kHalf: launch_axpby<at::Half, float>(args); break;
         case at::kBFloat16: launch_axpby<at::BFloat16, float>(args); break;
-        default: TORCH_CHECK(false, "ftops.zo_axpby_: unsupported dtype ", dtype);
+        default: FTOPS_CHECK(false, "ftops.zo_axpby_: unsupported dtype ", dtype);
       }
     }
   }
@@ -240,7 +241,7 @@ void zo_undo_axpby_cuda(at::TensorList params, int64_t undo_seed, at::ArrayRef<d
         case at::kDouble: launch_undo_axpby<double, double>(args, invertible); break;
         case at::kHalf: launch_undo_axpby<at::Half, float>(args, invertible); break;
         case at::kBFloat16: launch_undo_axpby<at::BFloat16, float>(args, invertible); break;
-        default: TORCH_CHECK(false, "ftops.zo_undo_axpby_: unsupported dtype ", dtype);
+        default: FTOPS_CHECK(false, "ftops.zo_undo_axpby_: unsupported dtype ", dtype);
       }
     }
   }
@@ -267,7 +268,7 @@ __global__ void zo_noise_bits_kernel(NoiseKey key, int64_t numel, int64_t* out) 
 }
 
 at::Tensor zo_noise_cuda(const at::Tensor& like, int64_t seed, int64_t index) {
-  TORCH_CHECK(index >= 0 && index <= static_cast<int64_t>(UINT32_MAX),
+  FTOPS_CHECK(index >= 0 && index <= static_cast<int64_t>(UINT32_MAX),
               "ftops.zo_noise: index = ", index, " is outside [0, 2^32)");
   const c10::cuda::CUDAGuard guard(like.device());
   at::Tensor out = at::empty(like.sizes(), like.options().dtype(at::kFloat).layout(at::kStrided)
@@ -283,7 +284,7 @@ at::Tensor zo_noise_cuda(const at::Tensor& like, int64_t seed, int64_t index) {
 }
 
 at::Tensor zo_noise_bits_cuda(const at::Tensor& like, int64_t seed, int64_t index) {
-  TORCH_CHECK(index >= 0 && index <= static_cast<int64_t>(UINT32_MAX),
+  FTOPS_CHECK(index >= 0 && index <= static_cast<int64_t>(UINT32_MAX),
               "ftops.zo_noise_bits: index = ", index, " is outside [0, 2^32)");
   const c10::cuda::CUDAGuard guard(like.device());
   at::Tensor out = at::empty({like.numel()}, like.options().dtype(at::kLong).layout(at::kStrided));
