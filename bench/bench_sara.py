@@ -64,6 +64,8 @@ from pathlib import Path
 
 import torch
 
+from _memory import PeakMeter
+
 HERE = Path(__file__).resolve().parent
 THRESHOLD = 2e-3
 LAMBDA_RANK = 5e-4
@@ -78,23 +80,6 @@ CONFIGS = {
     "cpu": (512, 1408, 4, 8, 4096, 2, 256),
     "cuda": (1024, 2816, 6, 16, 32000, 4, 512),
 }
-
-
-def proc_status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
-def reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return proc_status_kb("VmHWM") <= proc_status_kb("VmRSS") + 64
 
 
 # ------------------------------------------------------------------------------------------------
@@ -203,9 +188,8 @@ def worker(method: str, cfg, device: str, steps: int, threads: int = 0) -> dict:
     sync()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
-        base_bytes = torch.cuda.memory_allocated()
-    else:
-        base_bytes = proc_status_kb("VmRSS") * 1024
+    meter = PeakMeter(dev)
+    base_bytes = meter.current()
     n_params = sum(p.numel() for p in model.parameters())
 
     rank_term = None
@@ -248,12 +232,8 @@ def worker(method: str, cfg, device: str, steps: int, threads: int = 0) -> dict:
         return loss.detach()
 
     one_step()  # warm-up: optimizer state allocated, SVD/kernels warmed up
-    sync()
-    hwm_ok = True
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        hwm_ok = reset_hwm()
+    meter.reset()
+    hwm_ok = meter.hwm_reset
     times = []
     for _ in range(steps):
         sync()
@@ -261,10 +241,7 @@ def worker(method: str, cfg, device: str, steps: int, threads: int = 0) -> dict:
         one_step()
         sync()
         times.append(time.perf_counter() - t0)
-    if dev.type == "cuda":
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = proc_status_kb("VmHWM") * 1024
+    peak = meter.peak()
     return {"method": method, "params": n_params, "trainable": trainable,
             "extra_peak_bytes": peak - base_bytes, "peak_bytes": peak, "base_bytes": base_bytes,
             "step_s": statistics.median(times), "step_times_s": times, "hwm_reset": hwm_ok}
