@@ -37,7 +37,8 @@ What is measured (issue 5, section 4):
   Time: median wall time of ``--steps`` steps (forward, backward, ``step``, ``zero_grad``) after
   the warm-up; CUDA synchronizes around each step.
 * SDDMM vs the dense weight-gradient GEMM ``dY^T X`` at 1%, 10%, 20% density, on the model's
-  projection shapes, same process, interleaved, median of repeats.
+  projection shapes, same process, interleaved, median of repeats: ``ftops.sddmm_csr`` on the
+  row-compressed layout that ftops.SaRA keeps (int16 columns).
 
 Targets (issue 5): ftops SaRA peak memory <= LoRA's and <= 0.6x full FT; SDDMM at 10% density
 <= 0.5x the dense dW GEMM time.
@@ -253,6 +254,7 @@ def worker(method: str, cfg, device: str, steps: int, threads: int = 0) -> dict:
 
 def bench_sddmm(device: str, T: int, shapes, densities, repeats: int) -> list[dict]:
     import ftops
+    from ftops.sara import _to_csr
 
     dev = torch.device(device)
     sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
@@ -264,13 +266,13 @@ def bench_sddmm(device: str, T: int, shapes, densities, repeats: int) -> list[di
         for d in densities:
             nnz = int(round(d * m * n))
             flat = torch.randperm(m * n, generator=g)[:nnz].sort().values
-            rows = (flat // n).to(torch.int32).to(dev)
-            cols = (flat % n).to(torch.int32).to(dev)
+            # SaRA's layout: row pointers and 2-byte columns (ftops.sara._to_csr)
+            row_ptr, cols = (t.to(dev) for t in _to_csr(flat, m, n))
             flat = flat.to(dev)
             t_s, t_g, t_gg = [], [], []
             for _ in range(repeats):  # interleaved, so background load hits all alike
                 sync(); t0 = time.perf_counter()
-                ftops.sddmm(dy, x, rows, cols)
+                ftops.sddmm_csr(dy, x, row_ptr, cols)
                 sync(); t_s.append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
                 dy.t() @ x
@@ -357,7 +359,7 @@ def main() -> int:
 
     T = batch * seq
     shapes = [(hidden, hidden), (inter, hidden)]
-    sd = bench_sddmm(args.device, T, shapes, (0.01, 0.10, 0.20), repeats=7 if args.quick else 11)
+    sd = bench_sddmm(args.device, T, shapes, (0.01, 0.10, 0.20), repeats=7 if args.quick else 21)
     print(f"\nSDDMM vs dense dW = dY^T X (T = {T}), median of repeats, interleaved")
     print(f"{'m x n':<12}{'density':>8}{'sddmm ms':>10}{'gemm ms':>9}{'gemm+gather':>12}{'ratio':>7}"
           f"{'ratio of mins':>15}")
