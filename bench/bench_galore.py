@@ -36,6 +36,8 @@ import warnings
 
 import torch
 
+from _memory import PeakMeter
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 FULL_MODEL = dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
@@ -96,28 +98,12 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def mem_status() -> dict:
-    with open("/proc/self/status") as f:
-        return {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f)
-                if k in ("VmHWM", "VmRSS")}
-
-
 def reset_peak(device) -> int:
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return mem_status()["VmRSS"]
+    return PeakMeter(device).reset()
 
 
 def peak(device) -> int:
-    if device == "cuda":
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
-    return mem_status()["VmHWM"]
+    return PeakMeter(device).peak()
 
 
 # --- 1. optimizer step (worker process) -------------------------------------------------------------

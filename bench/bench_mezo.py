@@ -55,6 +55,8 @@ from pathlib import Path
 
 import torch
 
+from _memory import PeakMeter, proc_status_kb
+
 HERE = Path(__file__).resolve().parent
 LR, EPS, WD = 1e-6, 1e-3, 0.0  # the paper's OPT settings (weight decay 0)
 NO_DECAY = ("bias", "layer_norm", "layernorm")  # the reference skips weight decay for these names
@@ -174,24 +176,6 @@ def make_optimizer(impl, named_parameters, **kw):
 # ------------------------------------------------------------------------------------------------
 
 
-def proc_status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def reset_peak_rss() -> bool:
-    """Reset VmHWM to the current RSS (Linux >= 4.0). False if not possible."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return proc_status_kb("VmHWM") <= proc_status_kb("VmRSS") + 64
-
-
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -232,7 +216,9 @@ def worker(cfg: dict) -> dict:
     sync(device)
     gc.collect()
     if device.type == "cpu":
-        out["hwm_reset"] = reset_peak_rss()
+        meter = PeakMeter("cpu")
+        meter.reset()
+        out["hwm_reset"] = meter.hwm_reset
         if not out["hwm_reset"]:  # fall back to the process-lifetime peak (includes the warm-up)
             print("warning: cannot reset VmHWM; peak includes the warm-up steps", file=sys.stderr)
     else:

@@ -32,6 +32,8 @@ import time
 
 import torch
 
+from _memory import PeakMeter
+
 CONFIGS = {
     # name: (hidden, intermediate, layers, heads, vocab, batch, seq, steps, period, gamma)
     "quick": (192, 512, 8, 6, 4000, 2, 32, 10, 2, 2),
@@ -65,29 +67,12 @@ def make_optimizer(kind, model, blocks, hidden):
     return galore_cls()(groups, lr=1e-4)
 
 
-def rss_kb(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(field)
-
-
 def reset_peak(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return rss_kb("VmRSS") * 1024
+    return PeakMeter(device).reset()
 
 
 def peak(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
-    return rss_kb("VmHWM") * 1024
+    return PeakMeter(device).peak()
 
 
 def state_bytes(opt, block_params):

@@ -6,7 +6,7 @@ Llama-style model with the same module names): forward with a causal-LM loss, ba
 step, zero_grad. Reported per method:
 
 * peak memory, measured with each method alone in a fresh subprocess over the same steps: on CPU
-  the process's peak resident set (ru_maxrss; glibc set to mmap every allocation of 64 KiB or
+  the process's peak resident set (VmHWM, bench/_memory.py; glibc set to mmap every allocation of 64 KiB or
   more, so that it follows the live tensors) minus its resident set just before the model was
   created, i.e. weights + gradients + optimizer state + activations +
   temporaries; on CUDA ``torch.cuda.max_memory_allocated`` minus what was allocated before the
@@ -36,16 +36,17 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import time
 import types
 
+from _memory import PeakMeter, rss_bytes
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 # For the CPU memory workers: glibc serves every allocation of 64 KiB or more with its own mmap
-# and returns it on free, so the resident set follows the live tensors and ru_maxrss is their
+# and returns it on free, so the resident set follows the live tensors and its high-water mark is their
 # peak, not an artefact of heap fragmentation (which varied the result by +-30% between runs).
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 METHODS = ("full", "lora", "s2ft")
@@ -103,14 +104,6 @@ def has_module(name: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(name) is not None
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS in /proc/self/status")
 
 
 def build_model(a):
@@ -334,20 +327,14 @@ def memory_worker(a) -> dict:
         import peft  # noqa: F401
     set_threads(a)
     cuda = a.device == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = rss_bytes()
+    meter = PeakMeter(a.device)
+    base = meter.reset()
     tr = Trainer(a, a.worker)
     res = dict(tr.info)
     if not cuda:
         res["setup_rss_bytes"] = rss_bytes() - base
     steps = [tr.step() for _ in range(a.warmup + a.steps)]
-    if cuda:
-        res["peak_bytes"] = torch.cuda.max_memory_allocated() - base
-    else:
-        res["peak_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    res["peak_bytes"] = meter.peak() - base
     res["losses"] = [s["loss"] for s in steps]
     return res
 
@@ -502,7 +489,7 @@ def main(argv=None):
             "gpu": torch.cuda.get_device_name() if a.device == "cuda" else None,
             "memory_metric": ("torch.cuda.max_memory_allocated minus allocation before model creation"
                               if a.device == "cuda" else
-                              "ru_maxrss minus VmRSS before model creation (fresh process per "
+                              "VmHWM minus VmRSS before model creation (fresh process per "
                               f"method, environment {MALLOC_ENV})")}
     with open(a.out, "w") as f:
         json.dump({"meta": meta, "results": results}, f, indent=2)

@@ -37,7 +37,8 @@ What is measured (issue 5, section 4):
   Time: median wall time of ``--steps`` steps (forward, backward, ``step``, ``zero_grad``) after
   the warm-up; CUDA synchronizes around each step.
 * SDDMM vs the dense weight-gradient GEMM ``dY^T X`` at 1%, 10%, 20% density, on the model's
-  projection shapes, same process, interleaved, median of repeats.
+  projection shapes, same process, interleaved, median of repeats: ``ftops.sddmm_csr`` on the
+  row-compressed layout that ftops.SaRA keeps (int16 columns).
 
 Targets (issue 5): ftops SaRA peak memory <= LoRA's and <= 0.6x full FT; SDDMM at 10% density
 <= 0.5x the dense dW GEMM time.
@@ -64,6 +65,8 @@ from pathlib import Path
 
 import torch
 
+from _memory import PeakMeter
+
 HERE = Path(__file__).resolve().parent
 THRESHOLD = 2e-3
 LAMBDA_RANK = 5e-4
@@ -78,23 +81,6 @@ CONFIGS = {
     "cpu": (512, 1408, 4, 8, 4096, 2, 256),
     "cuda": (1024, 2816, 6, 16, 32000, 4, 512),
 }
-
-
-def proc_status_kb(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
-
-
-def reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return proc_status_kb("VmHWM") <= proc_status_kb("VmRSS") + 64
 
 
 # ------------------------------------------------------------------------------------------------
@@ -203,9 +189,8 @@ def worker(method: str, cfg, device: str, steps: int, threads: int = 0) -> dict:
     sync()
     if dev.type == "cuda":
         torch.cuda.empty_cache()
-        base_bytes = torch.cuda.memory_allocated()
-    else:
-        base_bytes = proc_status_kb("VmRSS") * 1024
+    meter = PeakMeter(dev)
+    base_bytes = meter.current()
     n_params = sum(p.numel() for p in model.parameters())
 
     rank_term = None
@@ -248,12 +233,8 @@ def worker(method: str, cfg, device: str, steps: int, threads: int = 0) -> dict:
         return loss.detach()
 
     one_step()  # warm-up: optimizer state allocated, SVD/kernels warmed up
-    sync()
-    hwm_ok = True
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    else:
-        hwm_ok = reset_hwm()
+    meter.reset()
+    hwm_ok = meter.hwm_reset
     times = []
     for _ in range(steps):
         sync()
@@ -261,10 +242,7 @@ def worker(method: str, cfg, device: str, steps: int, threads: int = 0) -> dict:
         one_step()
         sync()
         times.append(time.perf_counter() - t0)
-    if dev.type == "cuda":
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = proc_status_kb("VmHWM") * 1024
+    peak = meter.peak()
     return {"method": method, "params": n_params, "trainable": trainable,
             "extra_peak_bytes": peak - base_bytes, "peak_bytes": peak, "base_bytes": base_bytes,
             "step_s": statistics.median(times), "step_times_s": times, "hwm_reset": hwm_ok}
@@ -276,6 +254,7 @@ def worker(method: str, cfg, device: str, steps: int, threads: int = 0) -> dict:
 
 def bench_sddmm(device: str, T: int, shapes, densities, repeats: int) -> list[dict]:
     import ftops
+    from ftops.sara import _to_csr
 
     dev = torch.device(device)
     sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
@@ -287,13 +266,13 @@ def bench_sddmm(device: str, T: int, shapes, densities, repeats: int) -> list[di
         for d in densities:
             nnz = int(round(d * m * n))
             flat = torch.randperm(m * n, generator=g)[:nnz].sort().values
-            rows = (flat // n).to(torch.int32).to(dev)
-            cols = (flat % n).to(torch.int32).to(dev)
+            # SaRA's layout: row pointers and 2-byte columns (ftops.sara._to_csr)
+            row_ptr, cols = (t.to(dev) for t in _to_csr(flat, m, n))
             flat = flat.to(dev)
             t_s, t_g, t_gg = [], [], []
             for _ in range(repeats):  # interleaved, so background load hits all alike
                 sync(); t0 = time.perf_counter()
-                ftops.sddmm(dy, x, rows, cols)
+                ftops.sddmm_csr(dy, x, row_ptr, cols)
                 sync(); t_s.append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
                 dy.t() @ x
@@ -380,7 +359,7 @@ def main() -> int:
 
     T = batch * seq
     shapes = [(hidden, hidden), (inter, hidden)]
-    sd = bench_sddmm(args.device, T, shapes, (0.01, 0.10, 0.20), repeats=7 if args.quick else 11)
+    sd = bench_sddmm(args.device, T, shapes, (0.01, 0.10, 0.20), repeats=7 if args.quick else 21)
     print(f"\nSDDMM vs dense dW = dY^T X (T = {T}), median of repeats, interleaved")
     print(f"{'m x n':<12}{'density':>8}{'sddmm ms':>10}{'gemm ms':>9}{'gemm+gather':>12}{'ratio':>7}"
           f"{'ratio of mins':>15}")

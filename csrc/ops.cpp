@@ -49,5 +49,11 @@ TORCH_LIBRARY(ftops, m) {
   // gradient dW = dy^T x of a linear layer sampled at (rows[k], cols[k]), without forming dW.
   // Indices outside [0, m) / [0, n) raise.
   m.def("sddmm(Tensor dy, Tensor x, Tensor rows, Tensor cols) -> Tensor");
+  // The same on a row-compressed index set: row_ptr (m + 1, int64, non-decreasing, from 0 to
+  // nnz) and cols (nnz, int16/int32/int64); output k of row r (row_ptr[r] <= k < row_ptr[r + 1])
+  // is sum_t dy[t, r] * x[t, cols[k]]. SaRA keeps its trainable sets in this form. The CPU kernel
+  // checks the layout; the CUDA kernel trusts it (no synchronization) and writes NaN for an output
+  // whose column is outside [0, n).
+  m.def("sddmm_csr(Tensor dy, Tensor x, Tensor row_ptr, Tensor cols) -> Tensor");
 }
 

@@ -19,8 +19,8 @@ from .owlore import OwLore, outlier_ratios
 from . import s2ft
 from . import sara
 from .sara import SaRA
-from ._ops import sddmm
+from ._ops import sddmm, sddmm_csr
 
 __version__ = "0.1.0"
 __all__ = ["MeZO", "GaLoreAdamW", "OwLore", "SaRA", "build_info", "galore", "layerwise", "mezo",
-           "outlier_ratios", "owlore", "s2ft", "sara", "sddmm", "__version__"]
+           "outlier_ratios", "owlore", "s2ft", "sara", "sddmm", "sddmm_csr", "__version__"]

@@ -80,6 +80,14 @@ def _(dy, x, rows, cols):
     return dy.new_empty((rows.shape[0],))
 
 
+@torch.library.register_fake("ftops::sddmm_csr")
+def _(dy, x, row_ptr, cols):
+    torch._check(dy.dim() == 2 and x.dim() == 2, lambda: "ftops.sddmm_csr: dy and x must be 2-D")
+    torch._check(row_ptr.dim() == 1 and cols.dim() == 1,
+                 lambda: "ftops.sddmm_csr: row_ptr/cols must be 1-D")
+    return dy.new_empty((cols.shape[0],))
+
+
 # --- typed wrappers --------------------------------------------------------------------------------
 
 MAX_SEEDS_PER_CALL = 8  # csrc/common/zo_args.h: kMaxSeedsPerCall
@@ -261,3 +269,17 @@ def sddmm(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Ten
     weight-gradient kernel that SaRA's backward calls.
     """
     return torch.ops.ftops.sddmm(dy, x, rows, cols)
+
+
+def sddmm_csr(dy: torch.Tensor, x: torch.Tensor, row_ptr: torch.Tensor,
+              cols: torch.Tensor) -> torch.Tensor:
+    """:func:`sddmm` on a row-compressed index set: the outputs ``row_ptr[r] <= k < row_ptr[r+1]``
+    belong to row ``r``, ``out[k] = sum_t dy[t, r] * x[t, cols[k]]``.
+
+    ``row_ptr`` is int64 of length ``m + 1`` (``m = dy.shape[1]``), non-decreasing from 0 to
+    ``nnz``; ``cols`` is int16, int32 or int64 of length nnz, in any order within a row. The CPU
+    kernel checks the layout and raises on bad input; the CUDA kernel trusts it (it never
+    synchronizes) and writes NaN for an output whose column lies outside ``[0, n)``: build the
+    layout once, validated, as :class:`ftops.SaRA` does.
+    """
+    return torch.ops.ftops.sddmm_csr(dy, x, row_ptr, cols)

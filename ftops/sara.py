@@ -4,30 +4,37 @@ SaRA fine-tunes the entries of the pretrained weights whose magnitude is below a
 "ineffective" parameters), with a nuclear-norm penalty that keeps the learned sparse update low
 rank, and re-selects the trainable set once, half way through training.
 
-How ftops stores and trains it (per managed weight ``W`` of shape (m, n) or a conv kernel):
+How ftops stores and trains it (per managed weight ``W`` of shape (m, n), or a conv kernel seen as
+(out_channels, rest)):
 
-* ``indices``: the flat (row-major) positions of the trainable entries, sorted, int32 when
-  ``W.numel() < 2**31`` (else int64).
+* the trainable set in a row-compressed layout: ``row_ptr`` (m + 1, int64) and the column of each
+  entry, int16 when n < 2**15 (int32, int64 beyond): 2 bytes per trainable entry instead of 4 or
+  8 for flat indices. The flat row-major indices (:meth:`SaRA.indices`, :meth:`SaRA.delta`) are
+  decoded from it when needed.
 * ``values``: the trainable parameter (what the optimizer's ``param_groups`` hold), the *delta*
   from the pretrained weight at those positions, zero at the start; float32 for float16/bfloat16
   weights (a master copy: small updates of a half-precision delta would round away).
-* ``base``: the pretrained entries at those positions, ``W0.flatten()[indices]``.
-* ``W`` itself stays the module's live weight, frozen (``requires_grad=False``) and updated in
-  place after every step: ``W.flatten()[indices] = base + values``. The forward pass therefore
-  costs exactly what the plain layer costs (no dense ``W0 + scatter(values)`` rebuilt per call, no
-  second dense copy of the weight), and the fine-tuned model is always a plain model with ordinary
-  weights. Keeping ``base`` (one value per trainable entry) is what makes the sparse delta exact:
-  ``W[indices]`` is always computed as ``base + values`` in ``W``'s dtype, so
-  :func:`load` reproduces it bit for bit from the pretrained model and :meth:`SaRA.delta`.
+* ``W`` itself keeps the pretrained weights while the layer is managed (frozen,
+  ``requires_grad=False``), like the base weights under LoRA: the module's forward (and the
+  backward's input gradient) first writes ``W[indices] = W0[indices] + values`` in place (summed
+  in the values' dtype, rounded once to W's dtype -- exactly what :func:`load` computes), runs the
+  plain op, and writes the pretrained entries back, so no copy of the pretrained entries is kept
+  between calls (only the layer's own, one layer at a time) and no dense ``W0 + scatter(values)``
+  is built. :meth:`SaRA.merge` (or :meth:`SaRA.unwrap`) writes the update in for good and makes the
+  model plain; :meth:`SaRA.delta` + :func:`load` reproduce the fine-tuned model bit for bit.
   Training the delta (rather than the absolute entries) also makes AdamW's weight decay pull
   towards the pretrained weights, and makes the nuclear norm act on the update, which is zero
   (rank 0) at the start.
 * Adam moments sized like ``values`` (float32, float64 for float64 weights), updated by the shared
   fused AdamW kernel (``torch.ops.ftops.adamw_``) in one call for all weights.
 
+Memory per trainable entry: 4 (values) + 8 (moments) + 2 (column) bytes, plus ``row_ptr`` (8
+bytes per row): about LoRA's 12 bytes per trainable parameter, and no activations of its own.
+
 Gradients: Linear layers run through an autograd function whose backward computes ``dL/dx`` as
-usual and ``dL/dvalues = (dy^T x)[rows, cols]`` with the SDDMM kernel (``ftops.sddmm``), so the
-dense (m, n) weight gradient is never formed. Conv layers compute the dense weight gradient
+usual and ``dL/dvalues = (dy^T x)[rows, cols]`` with the SDDMM kernel on the row-compressed set
+(``ftops.sddmm_csr``, no synchronization on a GPU), so the dense (m, n) weight gradient is never
+formed. Conv layers compute the dense weight gradient
 (``aten.convolution_backward``), gather it at the indices and free it at once. No ``.grad`` is
 ever kept for a managed weight; every other parameter of the model is frozen too (SaRA trains only
 the selected entries; :func:`unwrap` restores the original ``requires_grad`` flags).
@@ -44,8 +51,8 @@ matrix.
 
 Progressive reselection (``progressive_iter``): after that many steps the active set of every
 weight becomes ``{|W_now| < threshold} ∩ current set`` (the current set is the initial one: the
-reselection happens once). Entries that leave the set keep their trained value for good (they are
-remembered as a frozen part of the delta). Adam state of the surviving entries is *carried*, not
+reselection happens once). Entries that leave the set keep their trained value for good: it is
+written into ``W`` then, and remembered (flat index and delta) as the frozen part of the delta. Adam state of the surviving entries is *carried*, not
 reset: the moments are per-coordinate statistics of the same loss along the same coordinates, and
 dropping other coordinates does not make them stale; resetting would restart the bias correction
 and give every survivor an update of size ~lr in the first steps after the switch (a jolt in the
@@ -85,68 +92,104 @@ def paper_lr(threshold: float) -> float:
 
 # --- autograd functions ----------------------------------------------------------------------------
 
+class _Swapped:
+    """``with _Swapped(mg):`` the managed weight holds ``W0 + values`` at the trainable entries
+    (exactly as :func:`load` computes them), and the pretrained entries again afterwards, also
+    when the body raises. Only this layer's pretrained entries are held meanwhile."""
+
+    def __init__(self, mg: "_Managed"):
+        self.mg = mg
+
+    def __enter__(self):
+        mg = self.mg
+        with torch.no_grad():
+            w = mg.weight.view(-1)
+            self.flat = mg.flat_indices()
+            self.keep = w[self.flat]
+            w[self.flat] = (self.keep + mg.values.detach()).to(w.dtype)
+        return self
+
+    def __exit__(self, *exc):
+        with torch.no_grad():
+            self.mg.weight.view(-1)[self.flat] = self.keep
+        del self.flat, self.keep
+        return False
+
+
 class _SparseLinear(torch.autograd.Function):
-    """y = x W^T + b where W already holds base + values at the indices; grads for x, b, values."""
+    """y = x (W0 + D)^T + b with D the sparse delta (the values at the trainable entries); grads
+    for x, b and the values (SDDMM on the row-compressed set)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, values, indices):
-        ctx.save_for_backward(x, weight, indices)
+    def forward(ctx, x, weight, bias, values, mg):
+        ctx.save_for_backward(x, mg.row_ptr, mg.cols)
+        ctx.mg = mg
         ctx.has_bias = bias is not None
         ctx.values_dtype = values.dtype
-        return F.linear(x, weight, bias)
+        with _Swapped(mg):
+            return F.linear(x, weight, bias)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy):
-        x, weight, indices = ctx.saved_tensors
+        x, row_ptr, cols = ctx.saved_tensors
+        mg = ctx.mg
+        weight = mg.weight
         m, n = weight.shape
         gx = gb = gv = None
         gy2 = gy.reshape(-1, m)
         if ctx.needs_input_grad[0]:
-            gx = (gy2 @ weight.to(gy.dtype)).reshape(*gy.shape[:-1], n).to(x.dtype)
+            with _Swapped(mg):
+                gx = (gy2 @ weight.to(gy.dtype)).reshape(*gy.shape[:-1], n).to(x.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             gb = gy2.sum(0)
         if ctx.needs_input_grad[3]:
-            rows = torch.div(indices, n, rounding_mode="floor")
-            cols = indices - rows * n
-            gv = _ops.sddmm(gy2, x.reshape(-1, n).to(gy.dtype), rows, cols).to(ctx.values_dtype)
+            gv = _ops.sddmm_csr(gy2, x.reshape(-1, n).to(gy.dtype), row_ptr, cols)
+            gv = gv.to(ctx.values_dtype)
         return gx, None, gb, gv, None
 
 
 class _SparseConv(torch.autograd.Function):
-    """torch.convolution; the weight gradient is computed dense, gathered at the indices, freed."""
+    """torch.convolution with W0 + D; the weight gradient is computed dense, gathered at the
+    trainable entries and freed at once."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, values, indices, stride, padding, dilation, groups):
-        ctx.save_for_backward(x, weight, indices)
+    def forward(ctx, x, weight, bias, values, mg, stride, padding, dilation, groups):
+        ctx.save_for_backward(x)
+        ctx.mg = mg
         ctx.conf = (stride, padding, dilation, groups)
         ctx.bias_sizes = None if bias is None else list(bias.shape)
         ctx.values_dtype = values.dtype
         zeros = [0] * len(stride)
-        return torch.convolution(x, weight, bias, stride, padding, dilation, False, zeros, groups)
+        with _Swapped(mg):
+            return torch.convolution(x, weight, bias, stride, padding, dilation, False, zeros,
+                                     groups)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy):
-        x, weight, indices = ctx.saved_tensors
+        x, = ctx.saved_tensors
+        mg = ctx.mg
+        weight = mg.weight
         stride, padding, dilation, groups = ctx.conf
         need_x, need_b, need_v = (ctx.needs_input_grad[0], ctx.needs_input_grad[2],
                                   ctx.needs_input_grad[3])
         if not (need_x or need_b or need_v):
             return (None,) * 9
-        gx, gw, gb = torch.ops.aten.convolution_backward(
-            gy, x, weight, ctx.bias_sizes, stride, padding, dilation, False, [0] * len(stride),
-            groups, [need_x, need_v, need_b and ctx.bias_sizes is not None])
+        with _Swapped(mg):  # the input gradient needs the fine-tuned weight
+            gx, gw, gb = torch.ops.aten.convolution_backward(
+                gy, x, weight, ctx.bias_sizes, stride, padding, dilation, False,
+                [0] * len(stride), groups, [need_x, need_v, need_b and ctx.bias_sizes is not None])
         gv = None
         if need_v:
-            gv = gw.reshape(-1)[indices].to(ctx.values_dtype)
+            gv = gw.reshape(-1)[mg.flat_indices()].to(ctx.values_dtype)
         del gw  # the dense weight gradient lives only for this gather
         return gx, None, gb, gv, None, None, None, None, None
 
 
 def _linear_forward(self, input):
     st = getattr(self, _ATTR)
-    return _SparseLinear.apply(input, self.weight, self.bias, st.values, st.indices)
+    return _SparseLinear.apply(input, self.weight, self.bias, st.values, st)
 
 
 def _conv_forward(self, input):
@@ -172,7 +215,7 @@ def _conv_forward(self, input):
                 padding = lefts
     else:
         padding = list(self.padding)
-    out = _SparseConv.apply(input, self.weight, self.bias, st.values, st.indices,
+    out = _SparseConv.apply(input, self.weight, self.bias, st.values, st,
                             list(self.stride), padding, list(self.dilation), self.groups)
     return out.squeeze(0) if unbatched else out
 
@@ -180,14 +223,17 @@ def _conv_forward(self, input):
 # --- per-weight bookkeeping ---------------------------------------------------------------------
 
 class _Managed:
-    """One SaRA-managed weight: the module, its live weight, indices, base and trainable values."""
+    """One SaRA-managed weight: the module, its weight (pretrained entries at the trainable
+    positions while managed), the trainable set (row-compressed) and the trainable values."""
 
-    def __init__(self, name, module, kind, indices, base, values, select_threshold, inclusive):
+    def __init__(self, name, module, kind, indices, values, select_threshold, inclusive):
         self.name = name  # the weight's parameter name in the model, e.g. "layers.0.q.weight"
         self.module = module
         self.kind = kind  # "linear" or "conv"
-        self.indices = indices
-        self.base = base
+        w = module.weight
+        self.rows = w.shape[0]
+        self.row_len = w.numel() // max(w.shape[0], 1)
+        self.set_indices(indices)
         self.values = values
         self.select_threshold = select_threshold
         self.inclusive = inclusive  # fraction mode: |w| <= threshold stays selected
@@ -198,12 +244,45 @@ class _Managed:
     def weight(self) -> torch.Tensor:
         return self.module.weight
 
-    def apply_(self) -> None:
-        """W.flatten()[indices] = base + values (summed in the values' dtype, rounded once to
-        W's dtype), in place (W is contiguous)."""
+    def set_indices(self, flat: torch.Tensor) -> None:
+        """Store a sorted set of flat row-major indices in the row-compressed layout."""
+        self.row_ptr, self.cols = _to_csr(flat, self.rows, self.row_len)
+
+    def flat_indices(self) -> torch.Tensor:
+        """The sorted flat row-major indices (int32 when the weight has < 2**31 entries), decoded
+        from the row-compressed layout (a new tensor)."""
+        return _from_csr(self.row_ptr, self.cols, self.row_len, self.weight.numel())
+
+    def merge_(self) -> None:
+        """W.flatten()[indices] += values for good (summed in the values' dtype, rounded once to
+        W's dtype, as :func:`load` does); the values must not be applied again afterwards."""
         with torch.no_grad():
-            w = self.weight
-            w.view(-1)[self.indices] = (self.base + self.values.detach()).to(w.dtype)
+            w = self.weight.view(-1)
+            flat = self.flat_indices()
+            w[flat] = (w[flat] + self.values.detach()).to(w.dtype)
+
+
+def _col_dtype(row_len: int) -> torch.dtype:
+    if row_len <= 2**15:
+        return torch.int16
+    return torch.int32 if row_len <= 2**31 else torch.int64
+
+
+def _to_csr(flat: torch.Tensor, rows: int, row_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row_ptr, cols) of sorted flat row-major indices of a (rows, row_len) matrix."""
+    r = torch.div(flat, row_len, rounding_mode="floor")
+    cols = (flat - r * row_len).to(_col_dtype(row_len))
+    row_ptr = torch.zeros(rows + 1, dtype=torch.int64, device=flat.device)
+    torch.cumsum(torch.bincount(r.long(), minlength=rows), 0, out=row_ptr[1:])
+    return row_ptr, cols
+
+
+def _from_csr(row_ptr: torch.Tensor, cols: torch.Tensor, row_len: int, numel: int) -> torch.Tensor:
+    itype = _index_dtype(numel)
+    rows = torch.repeat_interleave(torch.arange(row_ptr.numel() - 1, dtype=itype,
+                                                device=cols.device),
+                                   row_ptr.diff(), output_size=cols.numel())
+    return rows * row_len + cols.to(itype)
 
 
 def values_dtype(weight_dtype: torch.dtype) -> torch.dtype:
@@ -292,7 +371,10 @@ class SaRA(torch.optim.Optimizer):
     ones into the next step: the values are not model parameters.
     ``param_groups[0]["params"]`` are the trainable value vectors (one per managed weight, in
     :attr:`names` order). :meth:`delta` returns the exact sparse update, :func:`load` applies it
-    to a fresh pretrained model, :meth:`unwrap` (or :func:`unwrap`) makes the model plain again.
+    to a fresh pretrained model, :meth:`merge` / :meth:`unwrap` (or :func:`unwrap`) writes the
+    update into the weights and makes the model plain again. Until then the managed weights hold
+    the pretrained values (the managed layers add the update in their forward), as the base
+    weights do under LoRA: save the model's ``state_dict`` together with this optimizer's.
     """
 
     def __init__(self, model: nn.Module, threshold: Optional[float] = 2e-3,
@@ -381,11 +463,10 @@ class SaRA(torch.optim.Optimizer):
             if not mod.weight.is_contiguous():
                 mod.weight.data = mod.weight.data.contiguous()
             w = mod.weight
-            base = w.detach().reshape(-1)[idx].clone()
-            values = nn.Parameter(torch.zeros(base.shape, dtype=values_dtype(w.dtype),
-                                               device=base.device))
+            values = nn.Parameter(torch.zeros(idx.shape, dtype=values_dtype(w.dtype),
+                                               device=w.device))
             kind = "linear" if isinstance(mod, nn.Linear) else "conv"
-            mg = _Managed(mname + ".weight" if mname else "weight", mod, kind, idx, base, values,
+            mg = _Managed(mname + ".weight" if mname else "weight", mod, kind, idx, values,
                           bound, inclusive)
             setattr(mod, _ATTR, mg)
             mod.forward = types.MethodType(_linear_forward if kind == "linear" else _conv_forward,
@@ -413,8 +494,9 @@ class SaRA(torch.optim.Optimizer):
         return sum(mg.values.numel() for mg in self._managed)
 
     def indices(self) -> dict[str, torch.Tensor]:
-        """The active flat indices of each managed weight (read-only views of the live state)."""
-        return {mg.name: mg.indices for mg in self._managed}
+        """The active flat row-major indices of each managed weight, sorted (int32 when the weight
+        has < 2**31 entries; decoded from the row-compressed layout, so new tensors)."""
+        return {mg.name: mg.flat_indices() for mg in self._managed}
 
     def _init_state(self, mg: _Managed) -> None:
         st = self.state[mg.values]
@@ -439,7 +521,7 @@ class SaRA(torch.optim.Optimizer):
             return None
         k = int(torch.randint(len(eligible), (1,), generator=self._gen).item())
         mg = eligible[k]
-        g = nuclear_norm_grad(mg.values.detach(), mg.indices, tuple(mg.weight.shape))
+        g = nuclear_norm_grad(mg.values.detach(), mg.flat_indices(), tuple(mg.weight.shape))
         if g is not None:
             g.mul_(lam)
             if mg.values.grad is None:
@@ -450,8 +532,8 @@ class SaRA(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        """One AdamW step on the trainable values (plus the nuclear-norm gradient), then the
-        weights are updated in place; at ``progressive_iter`` the trainable set is re-selected."""
+        """One AdamW step on the trainable values (plus the nuclear-norm gradient); at
+        ``progressive_iter`` the trainable set is re-selected."""
         self._check_open()
         loss = None
         if closure is not None:
@@ -482,7 +564,6 @@ class SaRA(torch.optim.Optimizer):
                     weight_decay=group["weight_decay"], step=steps)
         for mg, s in zip(touched, steps):
             self.state[mg.values]["step"].fill_(float(s))
-            mg.apply_()
         for mg in self._managed:
             mg.values.grad = None  # consumed; see the class docstring
         group["sara_step"] += 1
@@ -494,28 +575,32 @@ class SaRA(torch.optim.Optimizer):
     def reselect(self) -> None:
         """Progressive reselection (normally called by :meth:`step` at ``progressive_iter``):
         the active set of each weight becomes ``|W_now| < threshold`` (``<=`` in fraction mode)
-        intersected with the current set. Dropped entries keep their trained values (frozen);
-        the survivors keep their values, Adam moments and step counts."""
+        intersected with the current set. Dropped entries keep their trained values for good
+        (written into the weight, and kept as the frozen part of :meth:`delta`); the survivors
+        keep their values, Adam moments and step counts."""
         self._check_open()
         before = self.num_trainable()
         with torch.no_grad():
             for mg in self._managed:
                 p = mg.values
-                w_now = mg.weight.reshape(-1)[mg.indices].abs()
-                keep = w_now <= mg.select_threshold if mg.inclusive else w_now < mg.select_threshold
-                del w_now
+                w = mg.weight.view(-1)
+                flat = mg.flat_indices()
+                w_now = (w[flat] + p.detach()).to(w.dtype)  # the fine-tuned entries
+                mag = w_now.abs()
+                keep = mag <= mg.select_threshold if mg.inclusive else mag < mg.select_threshold
+                del mag
                 if bool(keep.all()):
                     continue
                 drop = ~keep
-                fi = torch.cat([mg.frozen_indices, mg.indices[drop]])
+                w[flat[drop]] = w_now[drop]  # their update, for good
+                fi = torch.cat([mg.frozen_indices, flat[drop]])
                 fv = torch.cat([mg.frozen_values, p.detach()[drop]])
                 order = fi.argsort()
                 mg.frozen_indices, mg.frozen_values = fi[order], fv[order]
                 st = self.state[p]
                 st["exp_avg"] = st["exp_avg"][keep].contiguous()
                 st["exp_avg_sq"] = st["exp_avg_sq"][keep].contiguous()
-                mg.indices = mg.indices[keep].contiguous()
-                mg.base = mg.base[keep].contiguous()
+                mg.set_indices(flat[keep])
                 p.grad = None
                 p.data = p.detach()[keep].contiguous()
         logger.info("SaRA: progressive reselection keeps %d of %d trainable entries",
@@ -532,7 +617,7 @@ class SaRA(torch.optim.Optimizer):
         self._check_open()
         out = {}
         for mg in self._managed:
-            idx = torch.cat([mg.frozen_indices, mg.indices])
+            idx = torch.cat([mg.frozen_indices, mg.flat_indices()])
             val = torch.cat([mg.frozen_values, mg.values.detach()])
             if mg.frozen_indices.numel():
                 order = idx.argsort()
@@ -545,8 +630,7 @@ class SaRA(torch.optim.Optimizer):
         sd = super().state_dict()
         for i, mg in enumerate(self._managed or []):
             st = sd["state"].setdefault(i, {})
-            st["indices"] = mg.indices
-            st["base"] = mg.base
+            st["indices"] = mg.flat_indices()
             st["values"] = mg.values.detach()
             st["frozen_indices"] = mg.frozen_indices
             st["frozen_values"] = mg.frozen_values
@@ -554,9 +638,9 @@ class SaRA(torch.optim.Optimizer):
         return sd
 
     def load_state_dict(self, state_dict):
-        """Restores moments, steps, the trainable sets and the values; the active entries of the
-        managed weights are then set to ``base + values``. Entries frozen by a reselection are not
-        in the optimizer state: load the model's own ``state_dict`` too (as with any optimizer)."""
+        """Restores moments, steps, the trainable sets and the values. The model's weights are
+        not touched: load the model's own ``state_dict`` too (as with any optimizer; it holds the
+        pretrained weights plus the entries frozen by a reselection)."""
         self._check_open()
         rng = state_dict.get("sara_rng")
         extra = {}
@@ -564,17 +648,25 @@ class SaRA(torch.optim.Optimizer):
         for k, st in state_dict["state"].items():
             st = dict(st)
             extra[int(k)] = {key: st.pop(key) for key in
-                             ("indices", "base", "values", "frozen_indices", "frozen_values")
+                             ("indices", "values", "frozen_indices", "frozen_values")
                              if key in st}
             sd_state[k] = st
-        if len(extra) != len(self._managed) or any(len(e) != 5 for e in extra.values()):
+        if len(extra) != len(self._managed) or any(len(e) != 4 for e in extra.values()):
             raise ValueError("ftops.SaRA.load_state_dict: the state dict does not hold the "
                              f"indices/values of {len(self._managed)} managed weights")
         # Sizes change with the trainable sets: resize the values before the base class checks.
         for i, mg in enumerate(self._managed):
             e = extra[i]
-            if e["indices"].numel() and int(e["indices"].max()) >= mg.weight.numel():
-                raise ValueError(f"ftops.SaRA.load_state_dict: indices out of range for {mg.name}")
+            idx = e["indices"]
+            # Validated here, once: the CUDA SDDMM kernel trusts the layout built from it.
+            if (idx.dim() != 1 or idx.dtype not in (torch.int32, torch.int64)
+                    or idx.shape != e["values"].shape):
+                raise ValueError(f"ftops.SaRA.load_state_dict: the indices of {mg.name} must be a "
+                                 "1-D int32/int64 tensor as long as its values")
+            if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= mg.weight.numel()
+                                or not bool((idx[1:] > idx[:-1]).all())):
+                raise ValueError(f"ftops.SaRA.load_state_dict: the indices of {mg.name} must be "
+                                 f"sorted, distinct and in [0, {mg.weight.numel()})")
             mg.values.grad = None
             mg.values.data = e["values"].to(mg.values.dtype, copy=True).to(mg.values.device)
         super().load_state_dict({"state": sd_state, "param_groups": state_dict["param_groups"]})
@@ -583,8 +675,7 @@ class SaRA(torch.optim.Optimizer):
         for i, mg in enumerate(self._managed):
             e = extra[i]
             dev = mg.values.device
-            mg.indices = e["indices"].to(dev, copy=True)
-            mg.base = e["base"].to(device=dev, dtype=mg.weight.dtype, copy=True)
+            mg.set_indices(e["indices"].to(device=dev, dtype=_index_dtype(mg.weight.numel())))
             mg.frozen_indices = e["frozen_indices"].to(dev, copy=True)
             mg.frozen_values = e["frozen_values"].to(device=dev, dtype=mg.values.dtype, copy=True)
             st = self.state[mg.values]
@@ -592,19 +683,20 @@ class SaRA(torch.optim.Optimizer):
             for key in ("exp_avg", "exp_avg_sq"):  # torch casts floating state to the param dtype
                 st[key] = st[key].to(md).contiguous()
             st["step"] = torch.as_tensor(st["step"], dtype=torch.float32).cpu()
-            mg.apply_()  # idempotent when the model's own state_dict was loaded as well
 
     def unwrap(self) -> nn.Module:
-        """Make the model plain again (the weights already hold the fine-tuned values): restores
-        the layers' forward methods and the parameters' ``requires_grad`` flags. The optimizer
-        cannot step afterwards; :meth:`delta` must be taken before."""
+        """Write the update into the weights (``W[indices] = W0[indices] + values``, exactly as
+        :func:`load` does) and make the model plain again: restores the layers' forward methods
+        and the parameters' ``requires_grad`` flags. The optimizer cannot step afterwards;
+        :meth:`delta` must be taken before. Also available as :meth:`merge`."""
         if self._managed is None:
             return self._model
         for mg in self._managed:
             mod = mg.module
             if "forward" in mod.__dict__:
                 del mod.forward
-            if hasattr(mod, _ATTR):
+            if getattr(mod, _ATTR, None) is mg:
+                mg.merge_()
                 delattr(mod, _ATTR)
         for p, flag in self._frozen_flags.values():
             p.requires_grad_(flag)
@@ -635,12 +727,15 @@ def nuclear_norm_grad(values: torch.Tensor, indices: torch.Tensor, shape: tuple[
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """Make a model that a :class:`SaRA` optimizer manages plain again (see :meth:`SaRA.unwrap`).
-    Does not restore ``requires_grad`` flags (only the optimizer knows them)."""
+    """Make a model that a :class:`SaRA` optimizer manages plain again, the update written into
+    its weights (see :meth:`SaRA.unwrap`). Does not restore ``requires_grad`` flags (only the
+    optimizer knows them)."""
     for mod in model.modules():
-        if getattr(mod, _ATTR, None) is not None:
+        mg = getattr(mod, _ATTR, None)
+        if mg is not None:
             if "forward" in mod.__dict__:
                 del mod.forward
+            mg.merge_()
             delattr(mod, _ATTR)
     return model
 

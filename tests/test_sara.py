@@ -155,6 +155,75 @@ def test_sddmm_hypothesis(T, m, n, density, seed, dt, i64):
     torch.testing.assert_close(out.double(), _ref(dy, x, rows, cols), **SDDMM_TOL[dt])
 
 
+def _csr(m, n, flat, ctype):
+    rows = flat // n
+    row_ptr = torch.zeros(m + 1, dtype=torch.int64)
+    row_ptr[1:] = torch.bincount(rows, minlength=m).cumsum(0)
+    return row_ptr, (flat % n).to(ctype)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (7, 5, 3), (33, 17, 70), (300, 65, 129), (513, 7, 1),
+                                   (1100, 40, 33)])
+@pytest.mark.parametrize("ctype", [torch.int16, torch.int32, torch.int64])
+def test_sddmm_csr_matches_dense(device, dtype, shape, ctype):
+    T, m, n = shape
+    dy, x = _inputs(T, m, n, dtype, device)
+    for nnz in sorted({0, 1, (m * n + 1) // 3, m * n}):
+        _, _, flat = _indices(m, n, nnz, torch.int64, "cpu", seed=nnz)
+        flat = flat.sort().values
+        row_ptr, cols = _csr(m, n, flat, ctype)
+        if nnz > 2:  # any order within a row
+            g = torch.Generator().manual_seed(nnz)
+            for r in range(m):
+                a, b = int(row_ptr[r]), int(row_ptr[r + 1])
+                cols[a:b] = cols[a:b][torch.randperm(b - a, generator=g)]
+        out = ftops.sddmm_csr(dy, x, row_ptr.to(device), cols.to(device))
+        assert out.dtype == dtype and out.shape == (nnz,) and out.device == dy.device
+        rows = torch.repeat_interleave(torch.arange(m), row_ptr.diff())
+        torch.testing.assert_close(out.double().cpu(), _ref(dy, x, rows, cols.long()).cpu(),
+                                   **SDDMM_TOL[dtype])
+        # the same as the list form
+        if nnz:
+            assert torch.equal(out, ftops.sddmm(dy, x, rows.to(device), cols.long().to(device)))
+
+
+def test_sddmm_unsorted_rows_equal_sorted(device):
+    dy, x = _inputs(70, 30, 20, torch.float32, device)
+    rows, cols, _ = _indices(30, 20, 200, torch.int64, device, sort=False)
+    order = torch.argsort(rows.cpu(), stable=True).to(device)
+    out = ftops.sddmm(dy, x, rows, cols)
+    assert torch.equal(out[order], ftops.sddmm(dy, x, rows[order], cols[order]))
+
+
+def test_sddmm_csr_errors():
+    dy, x = _inputs(8, 4, 5, torch.float32, "cpu")
+    rp = torch.tensor([0, 1, 1, 2, 2])
+    c = torch.tensor([0, 4], dtype=torch.int16)
+    assert ftops.sddmm_csr(dy, x, rp, c).shape == (2,)
+    with pytest.raises(RuntimeError, match="cols must lie in"):
+        ftops.sddmm_csr(dy, x, rp, torch.tensor([0, 5], dtype=torch.int16))
+    with pytest.raises(RuntimeError, match="non-decreasing"):
+        ftops.sddmm_csr(dy, x, torch.tensor([0, 2, 1, 2, 2]), c)
+    with pytest.raises(RuntimeError, match="end at"):
+        ftops.sddmm_csr(dy, x, torch.tensor([0, 1, 1, 2, 3]), c)
+    with pytest.raises(RuntimeError, match="m \\+ 1"):
+        ftops.sddmm_csr(dy, x, rp[:-1], c)
+    with pytest.raises(RuntimeError, match="int64"):
+        ftops.sddmm_csr(dy, x, rp.int(), c)
+    with pytest.raises(RuntimeError, match="int16, int32 or int64"):
+        ftops.sddmm_csr(dy, x, rp, c.float())
+    with pytest.raises(RuntimeError, match="x has dtype"):
+        ftops.sddmm_csr(dy, x.double(), rp, c)
+
+
+def test_sddmm_csr_opcheck(device):
+    dy, x = _inputs(19, 6, 7, torch.float32, device)
+    _, _, flat = _indices(6, 7, 11, torch.int64, "cpu")
+    row_ptr, cols = _csr(6, 7, flat.sort().values, torch.int16)
+    torch.library.opcheck(torch.ops.ftops.sddmm_csr.default,
+                          (dy, x, row_ptr.to(device), cols.to(device)))
+
+
 # --- SaRA ---------------------------------------------------------------------------------------------
 
 class Net(nn.Module):
@@ -240,6 +309,10 @@ def test_steps_touch_only_selected_entries(device, dtype):
         m(x).float().pow(2).mean().backward()
         opt.step()
         opt.zero_grad()
+    # at rest the managed weights hold the pretrained values (the update lives in the optimizer)
+    for n, p in m.named_parameters():
+        assert torch.equal(p.detach().cpu(), w0[n].cpu()), n
+    opt.merge()
     changed_any = False
     for n, p in m.named_parameters():
         now, before = p.detach().cpu(), w0[n].cpu()
@@ -277,6 +350,7 @@ def test_matches_adamw_reference_float64(device):
         with torch.no_grad():
             for d, n, i, b in zip(deltas, names, idxs, bases):
                 refp[n].view(-1)[i] = b + d
+    opt.merge()
     for n in names:
         torch.testing.assert_close(dict(m.named_parameters())[n], refp[n], rtol=1e-10, atol=1e-13)
 
@@ -317,6 +391,7 @@ def test_nuclear_norm_needs_min_dim_over_64(device):
 
 def test_progressive_reselection(device):
     m = _model(device)
+    w0 = {n: p.detach().clone() for n, p in m.named_parameters()}
     opt = ftops.SaRA(m, threshold=0.02, lr=5e-3, lambda_rank=0, progressive_iter=3)
     init = {n: i.clone() for n, i in opt.indices().items()}
     x = _batch(device)
@@ -324,36 +399,45 @@ def test_progressive_reselection(device):
         m(x).pow(2).mean().backward()
         opt.step()
         if s == 2:
+            delta = opt.delta()  # frozen + active = the initial set, with the values just updated
             # indices = (|W_now| < thr) ∩ initial, moments carried for the survivors
             params = dict(m.named_parameters())
             shrunk = False
             for n, p in zip(opt.names, opt.param_groups[0]["params"]):
                 w = params[n].detach().view(-1)
                 i0 = init[n].long()
-                expect = i0[w[i0].abs() < 0.02]
+                assert torch.equal(delta[n + ".sara_indices"].long(), i0)
+                vals = delta[n + ".sara_values"]
+                now = w0[n].view(-1).clone()  # the fine-tuned weight at the reselection
+                now[i0] = now[i0] + vals
+                expect = i0[now[i0].abs() < 0.02]
                 assert torch.equal(opt.indices()[n].long(), expect)
                 assert p.shape == expect.shape
                 assert opt.state[p]["exp_avg"].shape == expect.shape
                 assert int(opt.state[p]["step"]) == 3
-                # survivors keep their values: the live weight is still base + values there
-                mg = next(g for g in opt._managed if g.name == n)
-                assert torch.equal(w[opt.indices()[n].long()], mg.base + p.detach())
+                # survivors keep their values and the weight keeps their pretrained entries;
+                # the dropped entries hold their fine-tuned values for good
+                keep = torch.isin(i0, expect)
+                assert torch.equal(p.detach(), vals[keep])
+                assert torch.equal(w[expect], w0[n].view(-1)[expect])
+                assert torch.equal(w[i0[~keep]], now[i0[~keep]])
                 shrunk |= len(expect) < len(i0)
             assert shrunk, "lr too small for the test: nothing left the set"
             w_after = {n: p.detach().clone() for n, p in m.named_parameters()}
         opt.zero_grad()
     # the dropped entries (and everything outside the set) never change after the reselection
+    fresh = _model(device)
+    sara_mod.load(fresh, opt.delta())
+    active = opt.indices()
+    opt.merge()
+    for (n, a), (_, b) in zip(m.named_parameters(), fresh.named_parameters()):
+        assert torch.equal(a, b), n  # round trip still exact after reselection
     for n, p in m.named_parameters():
         w, before = p.detach().view(-1), w_after[n].view(-1)
         frozen = torch.ones(w.numel(), dtype=torch.bool, device=w.device)
-        if n in opt.indices():
-            frozen[opt.indices()[n].long()] = False
+        if n in active:
+            frozen[active[n].long()] = False
         assert torch.equal(w[frozen], before[frozen]), n
-    # round trip still exact after reselection
-    fresh = _model(device)
-    sara_mod.load(fresh, opt.delta())
-    for (n, a), (_, b) in zip(m.named_parameters(), fresh.named_parameters()):
-        assert torch.equal(a, b), n
 
 
 def test_delta_load_round_trip_bit_exact(device, dtype, tmp_path):
@@ -373,12 +457,14 @@ def test_delta_load_round_trip_bit_exact(device, dtype, tmp_path):
     fresh = _model(device, dtype, conv=True)
     out = sara_mod.load(fresh, delta)
     assert out is fresh
+    y_managed = m(x, img)  # the update added by the managed forward
+    opt.unwrap()  # ... or written into the weights
     for (n, a), (_, b) in zip(m.named_parameters(), fresh.named_parameters()):
         assert torch.equal(a, b), n
-    opt.unwrap()
     assert "forward" not in m.fc1.__dict__
     assert all(p.requires_grad for p in m.parameters())
     assert torch.equal(m(x, img), fresh(x, img))
+    assert torch.equal(y_managed, fresh(x, img))
     with pytest.raises(RuntimeError, match="unwrapped"):
         opt.step()
 
@@ -406,6 +492,8 @@ def test_state_dict_resume(device):
         m2(x).pow(2).mean().backward()
         opt2.step()
         opt2.zero_grad()
+    opt1.merge()
+    opt2.merge()
     for (n, a), (_, b) in zip(m1.named_parameters(), m2.named_parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=n)
 
@@ -540,3 +628,28 @@ def test_gradient_accumulation(device):
     (m(torch.cat([x1, x2])) ** 2).sum().backward()
     for a, p in zip(acc, opt.param_groups[0]["params"]):
         torch.testing.assert_close(a, p.grad, rtol=1e-10, atol=1e-12)
+
+
+def test_weights_hold_pretrained_values_at_rest(device):
+    """Between calls the managed weights hold the pretrained values, also when a forward raises;
+    the trainable set is stored row-compressed with 2-byte columns."""
+    m = _model(device)
+    w0 = {n: p.detach().clone() for n, p in m.named_parameters()}
+    opt = ftops.SaRA(m, fraction=0.2, lr=1e-2, lambda_rank=0)
+    x = _batch(device)
+    m(x).pow(2).mean().backward()
+    opt.step()
+    for n, p in m.named_parameters():
+        assert torch.equal(p, w0[n]), n
+    with pytest.raises(RuntimeError):
+        m(torch.randn(3, 7, device=device))  # wrong input width: F.linear raises mid-swap
+    for n, p in m.named_parameters():
+        assert torch.equal(p, w0[n]), n
+    for mg in opt._managed:
+        assert mg.cols.dtype == torch.int16 and mg.row_ptr.shape == (mg.weight.shape[0] + 1,)
+        assert torch.equal(mg.flat_indices(), opt.indices()[mg.name])
+    # the module-level unwrap writes the update in as well
+    y = m(x)
+    sara_mod.unwrap(m)
+    assert torch.equal(m(x), y)
+    assert not torch.equal(m.fc1.weight, w0["fc1.weight"])
