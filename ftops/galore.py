@@ -62,6 +62,11 @@ import torch
 
 from . import _adamw
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed
+    DTensor = ()
+
 __all__ = ["GaLoreAdamW", "layerwise", "Layerwise", "svd_basis", "randomized_basis"]
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
@@ -163,9 +168,23 @@ def randomized_basis(grad: torch.Tensor, rank: int, side: str, prev_left=None, p
 
 # --- the optimizer --------------------------------------------------------------------------------
 
+def _sharded_projection_error(shape) -> ValueError:
+    return ValueError(
+        f"GaLoreAdamW: a parameter of shape {tuple(shape)} in a projected group (one with 'rank') "
+        "is a DTensor (sharded, e.g. by FSDP2's fully_shard). GaLore projects the gradient of the "
+        "whole matrix: its top singular subspace cannot be computed from one shard, and projecting "
+        "each shard on its own basis is a different algorithm, so this is not supported. Train "
+        "the projected weights unsharded (DistributedDataParallel, or FSDP2's ignored_params), or "
+        "put them in a group without 'rank' (plain AdamW works on DTensors).")
+
+
 def _check_group(group: dict) -> None:
     if "rank" not in group:
         return
+    params = group["params"]
+    for p in [params] if isinstance(params, torch.Tensor) else params:
+        if isinstance(p, DTensor) and p.dim() == 2:
+            raise _sharded_projection_error(p.shape)
     rank = group["rank"]
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"GaLoreAdamW: param group 'rank' must be an int >= 1, got {rank!r}")
@@ -277,6 +296,14 @@ class GaLoreAdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is not None and p.grad.is_sparse:
                     raise RuntimeError("GaLoreAdamW does not support sparse gradients")
+                if isinstance(p, DTensor) and "rank" in group and p.dim() == 2:
+                    raise _sharded_projection_error(p.shape)  # sharded after construction
+                if isinstance(p, DTensor) and p.grad is not None and (
+                        not isinstance(p.grad, DTensor) or p.grad.placements != p.placements):
+                    raise RuntimeError(
+                        f"GaLoreAdamW: the gradient of a DTensor parameter (placements "
+                        f"{p.placements}) must be a DTensor with the same placements, got "
+                        f"{getattr(p.grad, 'placements', type(p.grad).__name__)}")
 
         index = -1
         for group in self.param_groups:
@@ -285,7 +312,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
             proj = "rank" in group
             # low-rank (projected) and plain parameters of this group
             lr_p, lr_g, lr_m, lr_v, lr_n, lr_steps, lr_pending = [], [], [], [], [], [], []
-            pl_p, pl_g, pl_m, pl_v, pl_steps = [], [], [], [], []
+            pl_p, pl_g, pl_m, pl_v, pl_steps, pl_states = [], [], [], [], [], []
             pending_numel = 0
 
             def flush():
@@ -360,9 +387,14 @@ class GaLoreAdamW(torch.optim.Optimizer):
                         flush()
                         pending_numel = 0
                 else:
+                    if isinstance(p, DTensor):
+                        # AdamW is elementwise: exact on the local shard (FSDP2 shards the gradient
+                        # as the parameter), and the moments are local too.
+                        p, grad = p.to_local(), grad.to_local()
                     if "exp_avg" not in state:
                         state["exp_avg"] = _adamw.zeros_moment(p)
                         state["exp_avg_sq"] = _adamw.zeros_moment(p)
+                    pl_states.append(state)
                     pl_p.append(p)
                     pl_g.append(grad if grad.is_contiguous() else grad.contiguous())
                     pl_m.append(state["exp_avg"])
@@ -390,7 +422,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 for k in idx:
                     if not fused:
                         pl_p[k].add_(pl_p[k], alpha=-lr * wd)
-                    self.state[pl_p[k]]["step"] = s
+                    pl_states[k]["step"] = s
         return loss
 
     @staticmethod

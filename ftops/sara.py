@@ -58,8 +58,14 @@ import types
 from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+try:
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:  # a torch built without distributed
+    DTensor, Shard = (), None
 
 from . import _ops
 from ._adamw import fused_adamw, moment_dtype
@@ -200,6 +206,9 @@ class _Managed:
         W's dtype), in place (W is contiguous)."""
         with torch.no_grad():
             w = self.weight
+            if isinstance(w, DTensor):  # sharded by FSDP2: write this rank's rows
+                _apply_sharded(w, self.indices, self.base + self.values.detach())
+                return
             w.view(-1)[self.indices] = (self.base + self.values.detach()).to(w.dtype)
 
 
@@ -208,6 +217,74 @@ def values_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     weights (a master copy of the delta, so that small updates are not lost to rounding), else the
     weight dtype."""
     return torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
+
+
+# --- registration (for torch.distributed) ---------------------------------------------------------
+# The values are registered on their module as the parameter ``sara_values``, so that
+# ``model.parameters()`` yields exactly what the optimizer steps on: DistributedDataParallel's
+# buckets cover what it finds there, and would not see values held only by the optimizer. They are
+# left out of the module's ``state_dict`` (the weight already holds ``base + values``, and the
+# values' state belongs to the optimizer's ``state_dict``), so model checkpoints keep the plain
+# model's keys and load whatever the current size of the trainable set.
+
+_VALUES_NAME = "sara_values"
+
+
+def _drop_values_on_save(module, state_dict, prefix, local_metadata):
+    state_dict.pop(prefix + _VALUES_NAME, None)
+
+
+def _keep_values_on_load(module, state_dict, prefix, local_metadata, strict, missing_keys,
+                         unexpected_keys, error_msgs):
+    # not in a model state_dict: load the current values onto themselves (no "missing key")
+    values = module._parameters.get(_VALUES_NAME)
+    if values is not None:
+        state_dict.setdefault(prefix + _VALUES_NAME, values.detach())
+
+
+def _register_values(mg: "_Managed") -> None:
+    mod = mg.module
+    mod.register_parameter(_VALUES_NAME, mg.values)
+    mg.hooks = [mod.register_state_dict_post_hook(_drop_values_on_save),
+                mod.register_load_state_dict_pre_hook(_keep_values_on_load)]
+
+
+def _unregister_values(mg: "_Managed") -> None:
+    mg.module._parameters.pop(_VALUES_NAME, None)
+    for h in getattr(mg, "hooks", ()):
+        h.remove()
+    mg.hooks = []
+
+
+# --- FSDP2 ---------------------------------------------------------------------------------------
+# Under fully_shard the managed weights are DTensors sharded by rows (Shard(0)); the values stay
+# whole on every rank (not registered, or in fully_shard's ignored_params), SaRA averages their
+# gradients itself, every rank takes the same AdamW step, and each rank writes base + values into
+# its own rows of the weights. Exact: the same arithmetic as one process on the whole batch.
+
+def _row_shard(w: "DTensor") -> tuple[torch.Tensor, int]:
+    """(local shard, first global row) of a weight sharded by rows on a 1-D mesh."""
+    if w.device_mesh.ndim != 1 or tuple(w.placements) != (Shard(0),):
+        raise ValueError(f"ftops.SaRA: a managed weight is a DTensor with placements "
+                         f"{tuple(w.placements)} on a {w.device_mesh.ndim}-D mesh; SaRA supports "
+                         "weights sharded by rows (Shard(0), FSDP2's default) on a 1-D mesh")
+    local = w.to_local()
+    rows, ws = w.shape[0], w.device_mesh.size()
+    chunk = -(-rows // ws)  # torch.chunk sizes, as FSDP2 shards
+    start = min(w.device_mesh.get_local_rank() * chunk, rows)
+    if local.shape[0] != max(0, min(rows - start, chunk)):
+        raise ValueError("ftops.SaRA: unexpected row sharding of a managed weight "
+                         f"({local.shape[0]} local rows of {rows})")
+    return local, start
+
+
+def _apply_sharded(w: "DTensor", indices: torch.Tensor, full: torch.Tensor) -> None:
+    """w[indices] = full for the indices in this rank's rows of w."""
+    local, start = _row_shard(w)
+    n = w.numel() // w.shape[0]
+    lo, hi = start * n, (start + local.shape[0]) * n
+    mine = (indices >= lo) & (indices < hi)
+    local.view(-1)[indices[mine] - lo] = full[mine].to(local.dtype)
 
 
 def _index_dtype(numel: int) -> torch.dtype:
@@ -278,6 +355,11 @@ class SaRA(torch.optim.Optimizer):
         modules: which layers: ``None`` for every ``nn.Linear`` and ``nn.Conv1d/2d/3d``, a
             callable ``(name, module) -> bool`` filtering those, or a list of module names.
         seed: seed of the generator that picks the nuclear-norm matrix each step.
+        register_values: register each weight's values on its module as the parameter
+            ``sara_values`` (left out of the module's ``state_dict``), so that
+            ``model.parameters()`` yields what the optimizer steps on and a
+            ``DistributedDataParallel`` wrapper built afterwards averages their gradients.
+            ``None`` (default): when ``torch.distributed`` is initialized.
 
     The training loop is unchanged: ``loss.backward(); opt.step(); opt.zero_grad()``.
     ``param_groups[0]["params"]`` are the trainable value vectors (one per managed weight, in
@@ -291,7 +373,7 @@ class SaRA(torch.optim.Optimizer):
                  betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0,
                  eps: float = 1e-8,
                  modules: Union[None, Callable[[str, nn.Module], bool], Sequence[str]] = None,
-                 seed: int = 0):
+                 seed: int = 0, register_values: Optional[bool] = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"ftops.SaRA: model must be an nn.Module, got {type(model).__name__}")
         if fraction is not None:
@@ -330,6 +412,9 @@ class SaRA(torch.optim.Optimizer):
             if getattr(mod, _ATTR, None) is not None:
                 raise ValueError(f"ftops.SaRA: module {mname!r} is already managed by a SaRA "
                                  "optimizer (unwrap it first)")
+            if register_values is not False and hasattr(mod, _VALUES_NAME):
+                raise ValueError(f"ftops.SaRA: module {mname!r} already has an attribute "
+                                 f"{_VALUES_NAME!r} (SaRA registers the trainable values there)")
             w = mod.weight
             if not isinstance(w, torch.Tensor) or w.dtype not in _FLOAT_TYPES:
                 raise TypeError(f"ftops.SaRA: {mname}.weight has dtype "
@@ -385,6 +470,11 @@ class SaRA(torch.optim.Optimizer):
         super().__init__([mg.values for mg in managed], defaults)
         for mg in managed:
             self._init_state(mg)
+        if register_values is None:
+            register_values = dist.is_available() and dist.is_initialized()
+        if register_values:
+            for mg in managed:
+                _register_values(mg)
 
     # -- info -----------------------------------------------------------------------------------
 
@@ -443,6 +533,8 @@ class SaRA(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         group = self.param_groups[0]
+        if any(isinstance(mg.weight, DTensor) for mg in self._managed):
+            self._average_grads_fsdp()
         self._last_rank_matrix = self._add_nuclear_grad(float(group["lambda_rank"]))
         params, grads, m1, m2, steps, touched = [], [], [], [], [], []
         for mg in self._managed:
@@ -470,6 +562,22 @@ class SaRA(torch.optim.Optimizer):
             self.reselect()
         return loss
 
+    def _average_grads_fsdp(self) -> None:
+        """FSDP2 does not reduce the values (they are not sharded): average their gradients."""
+        for mg in self._managed:
+            if mg.module._parameters.get(_VALUES_NAME, mg.values) is not mg.values:
+                raise ValueError(
+                    f"ftops.SaRA: fully_shard sharded the values of {mg.name}; keep them whole: "
+                    "fully_shard(..., ignored_params=set(opt.param_groups[0]['params'])), or "
+                    "build SaRA with register_values=False")
+        grads = [mg.values.grad for mg in self._managed if mg.values.grad is not None]
+        if grads and dist.is_initialized() and dist.get_world_size() > 1:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat)
+            flat.div_(dist.get_world_size())
+            for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(part.view_as(g))
+
     def reselect(self) -> None:
         """Progressive reselection (normally called by :meth:`step` at ``progressive_iter``):
         the active set of each weight becomes ``|W_now| < threshold`` (``<=`` in fraction mode)
@@ -479,7 +587,10 @@ class SaRA(torch.optim.Optimizer):
         with torch.no_grad():
             for mg in self._managed:
                 p = mg.values
-                w_now = mg.weight.reshape(-1)[mg.indices].abs()
+                w = mg.weight
+                w = w.full_tensor() if isinstance(w, DTensor) else w  # (collective, once)
+                w_now = w.reshape(-1)[mg.indices].abs()
+                del w
                 keep = w_now <= mg.select_threshold if mg.inclusive else w_now < mg.select_threshold
                 del w_now
                 if bool(keep.all()):
@@ -494,8 +605,22 @@ class SaRA(torch.optim.Optimizer):
                 st["exp_avg_sq"] = st["exp_avg_sq"][keep].contiguous()
                 mg.indices = mg.indices[keep].contiguous()
                 mg.base = mg.base[keep].contiguous()
-                p.grad = None
-                p.data = p.detach()[keep].contiguous()
+                self._resize_values(mg, p.detach()[keep].contiguous())
+
+    def _resize_values(self, mg: _Managed, data: torch.Tensor) -> None:
+        """Give ``mg`` trainable values of another size as a *new* Parameter (param_groups, state
+        and the module registration follow). Resizing the old Parameter in place would break a
+        DistributedDataParallel wrapper, which keeps each parameter's gradient accumulator with
+        the size it had; with a new Parameter the model is simply wrapped again."""
+        old = mg.values
+        new = nn.Parameter(data, requires_grad=old.requires_grad)
+        params = self.param_groups[0]["params"]
+        params[next(i for i, q in enumerate(params) if q is old)] = new
+        if old in self.state:
+            self.state[new] = self.state.pop(old)
+        mg.values = new
+        if mg.module._parameters.get(_VALUES_NAME) is old:
+            mg.module._parameters[_VALUES_NAME] = new
 
     # -- save / load / unwrap -------------------------------------------------------------------
 
@@ -552,7 +677,11 @@ class SaRA(torch.optim.Optimizer):
             if e["indices"].numel() and int(e["indices"].max()) >= mg.weight.numel():
                 raise ValueError(f"ftops.SaRA.load_state_dict: indices out of range for {mg.name}")
             mg.values.grad = None
-            mg.values.data = e["values"].to(mg.values.dtype, copy=True).to(mg.values.device)
+            v = e["values"].to(mg.values.dtype, copy=True).to(mg.values.device)
+            if v.shape == mg.values.shape:
+                mg.values.data = v
+            else:
+                self._resize_values(mg, v)
         super().load_state_dict({"state": sd_state, "param_groups": state_dict["param_groups"]})
         if rng is not None:
             self._gen.set_state(rng)
@@ -582,6 +711,7 @@ class SaRA(torch.optim.Optimizer):
                 del mod.forward
             if hasattr(mod, _ATTR):
                 delattr(mod, _ATTR)
+            _unregister_values(mg)
         for p, flag in self._frozen_flags.values():
             p.requires_grad_(flag)
         self._managed = None
@@ -614,10 +744,12 @@ def unwrap(model: nn.Module) -> nn.Module:
     """Make a model that a :class:`SaRA` optimizer manages plain again (see :meth:`SaRA.unwrap`).
     Does not restore ``requires_grad`` flags (only the optimizer knows them)."""
     for mod in model.modules():
-        if getattr(mod, _ATTR, None) is not None:
+        mg = getattr(mod, _ATTR, None)
+        if mg is not None:
             if "forward" in mod.__dict__:
                 del mod.forward
             delattr(mod, _ATTR)
+            _unregister_values(mg)
     return model
 
 
