@@ -181,10 +181,6 @@ def _sharded_projection_error(shape) -> ValueError:
 def _check_group(group: dict) -> None:
     if "rank" not in group:
         return
-    params = group["params"]
-    for p in [params] if isinstance(params, torch.Tensor) else params:
-        if isinstance(p, DTensor) and p.dim() == 2:
-            raise _sharded_projection_error(p.shape)
     rank = group["rank"]
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
         raise ValueError(f"GaLoreAdamW: param group 'rank' must be an int >= 1, got {rank!r}")
@@ -250,6 +246,12 @@ class GaLoreAdamW(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         _check_group(param_group)
         super().add_param_group(param_group)
+        if "rank" in param_group:
+            sharded = [p for p in self.param_groups[-1]["params"]
+                       if isinstance(p, DTensor) and p.dim() == 2]
+            if sharded:
+                self.param_groups.pop()
+                raise _sharded_projection_error(sharded[0].shape)
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -296,8 +298,6 @@ class GaLoreAdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is not None and p.grad.is_sparse:
                     raise RuntimeError("GaLoreAdamW does not support sparse gradients")
-                if isinstance(p, DTensor) and "rank" in group and p.dim() == 2:
-                    raise _sharded_projection_error(p.shape)  # sharded after construction
                 if isinstance(p, DTensor) and p.grad is not None and (
                         not isinstance(p.grad, DTensor) or p.grad.placements != p.placements):
                     raise RuntimeError(

@@ -12,6 +12,7 @@ in a projected group with a clear error (and work as plain AdamW in groups witho
 
 Each method runs in one spawn (a module-scoped fixture) whose results several tests read.
 """
+import inspect
 import os
 import traceback
 
@@ -177,6 +178,12 @@ def final_params(model):
 
 # --- DDP ---------------------------------------------------------------------------------------------
 
+# named forward_sync_buffers from torch 2.14 (broadcast_buffers, now deprecated, before)
+NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
+                  if "forward_sync_buffers" in inspect.signature(DDP).parameters
+                  else {"broadcast_buffers": False})
+
+
 class Wrapper:
     """The DDP wrapper of a model, built again when the trainable set changed."""
 
@@ -214,7 +221,7 @@ def _ddp_run(method, rank, world, out_dir, resume_from=None, save_at=None):
             dist.barrier()
 
     # S²FT's frozen weights are buffers: do not broadcast them at every forward
-    wrapper = Wrapper(model, **({"broadcast_buffers": False} if method == "s2ft" else {}))
+    wrapper = Wrapper(model, **(NO_BUFFER_SYNC if method == "s2ft" else {}))
     run(parts, wrapper, *batch(rank, world), start, STEPS, before_step=save)
     return model, parts, wrapper
 
@@ -261,12 +268,11 @@ def test_ddp_matches_one_process(ddp_runs, method):
     ref_model, ref_parts = single_process(method)
     ref = final_params(ref_model)
     base = final_params(new_model(method))
-    moved = 0
+    assert r0.keys() == ref.keys()
     for k, v in ref.items():
-        if k in base and v.shape == base[k].shape:
-            torch.testing.assert_close(r0[k], v, **TOL, msg=lambda m: f"{method} {k}: {m}")
-            moved += int(not torch.equal(v, base[k]))
-    assert moved > 0  # training did change the weights
+        torch.testing.assert_close(r0[k], v, **TOL, msg=lambda m: f"{method} {k}: {m}")
+    # training did change weights
+    assert any(k in base and not torch.equal(v, base[k]) for k, v in ref.items())
     info = run["ranks"][0]["info"]
     if method == "sara":  # the reselection happened, and the DDP wrapper was built again for it
         assert info["num_trainable"] == ref_parts["opt"].num_trainable()
@@ -298,7 +304,17 @@ def test_sara_values_are_module_parameters():
     assert all(a is b for a, b in zip(trainable, opt.param_groups[0]["params"]))
     assert not any("sara_values" in k for k in model.state_dict())
     model.load_state_dict(tiny().state_dict())  # strict: the values are not missing keys
+    # a reselection that drops entries makes new, smaller value Parameters, registered in place
+    n0 = opt.num_trainable()
+    for v in opt.param_groups[0]["params"]:
+        v.grad = torch.ones_like(v)
+    opt.param_groups[0]["lr"] = 1.0
+    opt.step()
     opt.reselect()
+    assert opt.num_trainable() < n0
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert all(a is b for a, b in zip(trainable, opt.param_groups[0]["params"]))
+    assert all(a.shape == opt.state[a]["exp_avg"].shape for a in trainable)
     opt.unwrap()
     assert not any("sara_values" in n for n, _ in model.named_parameters())
     plain = tiny()
@@ -347,17 +363,6 @@ def _fsdp_body(rank, world, out_dir):
             galore_build(model)
         except ValueError as e:
             out["construct_error"] = str(e)
-        # sharded after the optimizer was built: refused at the first step, nothing written
-        model = tiny()
-        opt = galore_build(model)["opt"]
-        _shard(model, mesh)
-        before = {k: _full(v).clone() for k, v in model.state_dict().items()}
-        loss_fn(model, x, y).backward()
-        try:
-            opt.step()
-        except ValueError as e:
-            out["step_error"] = str(e)
-        out["untouched"] = all(torch.equal(_full(v), before[k]) for k, v in model.state_dict().items())
         # plain (rank-less) groups are elementwise AdamW: exact on the local shards
         model = tiny()
         _shard(model, mesh)
@@ -381,7 +386,15 @@ def _fsdp_body(rank, world, out_dir):
         with torch.no_grad():  # a forward copies the current slices into the frozen buffers
             out = model(data()[0])
         slices = {n: _full(p).clone() for n, p in model.named_parameters() if p.requires_grad}
-        return {"out": out, "slices": slices}
+        # export: gather the slices first (unshard), then the adapter is the one-process one
+        from torch.distributed.fsdp import FSDPModule
+        fsdp = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        for m in fsdp:
+            m.unshard()
+        adapter = s2ft.export(model)
+        for m in fsdp:
+            m.reshard()
+        return {"out": out, "slices": slices, "adapter": adapter}
 
     def sara_case():
         model = tiny()
@@ -416,8 +429,6 @@ def fsdp_run(tmp_path_factory):
 def test_fsdp2_galore_refuses_sharded_projection(fsdp_run):
     for r in fsdp_run("galore"):
         assert "DTensor" in r["construct_error"] and "projected group" in r["construct_error"]
-        assert "DTensor" in r["step_error"]
-        assert r["untouched"]
     # plain AdamW groups on DTensors: the same as one process
     model = tiny()
     opt = ftops.GaLoreAdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
@@ -440,6 +451,10 @@ def test_fsdp2_s2ft_matches_one_process(fsdp_run):
         for n, p in model.named_parameters():
             if p.requires_grad:
                 torch.testing.assert_close(r["slices"][n], p.detach(), **TOL)
+        ref_deltas = s2ft.export(model)["deltas"]
+        for name, d in ref_deltas.items():
+            assert torch.equal(r["adapter"]["deltas"][name]["index"], d["index"])
+            torch.testing.assert_close(r["adapter"]["deltas"][name]["delta"], d["delta"], **TOL)
     assert not torch.allclose(out, tiny()(data()[0]))  # it trained
 
 
