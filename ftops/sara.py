@@ -464,6 +464,7 @@ class SaRA(torch.optim.Optimizer):
         self._managed = managed
         self._model = model
         self._gen = torch.Generator().manual_seed(int(seed))
+        self._gen_synced = False
         defaults = dict(lr=lr, betas=(b1, b2), eps=eps, weight_decay=weight_decay,
                         lambda_rank=lambda_rank, progressive_iter=progressive_iter,
                         sara_step=0)
@@ -535,6 +536,7 @@ class SaRA(torch.optim.Optimizer):
         group = self.param_groups[0]
         if any(isinstance(mg.weight, DTensor) for mg in self._managed):
             self._average_grads_fsdp()
+        self._sync_generator()
         self._last_rank_matrix = self._add_nuclear_grad(float(group["lambda_rank"]))
         params, grads, m1, m2, steps, touched = [], [], [], [], [], []
         for mg in self._managed:
@@ -561,6 +563,18 @@ class SaRA(torch.optim.Optimizer):
         if pit is not None and group["sara_step"] == pit:
             self.reselect()
         return loss
+
+    def _sync_generator(self) -> None:
+        """Under torch.distributed, take rank 0's generator state once (and after a load): every
+        rank then picks the same nuclear-norm matrix, whatever seed each was given."""
+        if getattr(self, "_gen_synced", True) or not (dist.is_available() and dist.is_initialized()):
+            return
+        device = torch.device("cuda", torch.cuda.current_device()) \
+            if dist.get_backend() == "nccl" else torch.device("cpu")
+        buf = self._gen.get_state().to(device)
+        dist.broadcast(buf, src=0)
+        self._gen.set_state(buf.cpu())
+        self._gen_synced = True
 
     def _average_grads_fsdp(self) -> None:
         """FSDP2 does not reduce the values (they are not sharded): average their gradients."""
@@ -685,6 +699,7 @@ class SaRA(torch.optim.Optimizer):
         super().load_state_dict({"state": sd_state, "param_groups": state_dict["param_groups"]})
         if rng is not None:
             self._gen.set_state(rng)
+            self._gen_synced = False
         for i, mg in enumerate(self._managed):
             e = extra[i]
             dev = mg.values.device

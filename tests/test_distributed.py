@@ -187,21 +187,26 @@ NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
 class Wrapper:
     """The DDP wrapper of a model, built again when the trainable set changed."""
 
-    def __init__(self, model, **kw):
-        self.model, self.kw, self.ddp, self.builds = model, kw, None, 0
+    def __init__(self, model, opt, **kw):
+        self.model, self.opt, self.kw, self.ddp, self.builds = model, opt, kw, None, 0
+        self.covers_opt = True  # DDP reduces exactly what the optimizer steps on (and has a grad)
 
     def __call__(self, changed):
         if self.ddp is None or changed:
             # After the first wrap the ranks are identical already: no initial broadcast.
             self.ddp = DDP(self.model, init_sync=self.ddp is None, **self.kw)
             self.builds += 1
+            covered = {id(p) for p in self.model.parameters() if p.requires_grad}
+            stepped = {id(p) for g in self.opt.param_groups for p in g["params"] if p.requires_grad}
+            self.covers_opt &= covered == stepped
         return self.ddp
 
 
 def _ddp_run(method, rank, world, out_dir, resume_from=None, save_at=None):
     model = new_model(method)
-    # OwLore: another seed on rank 1; rank 0's draws must win
-    parts = owlore_build(model, seed=7 * rank) if method == "owlore" else BUILDS[method](model)
+    # OwLore's draws and SaRA's nuclear-norm picks: another seed on rank 1; rank 0's must win
+    seeded = {"owlore": owlore_build, "sara": sara_build}
+    parts = seeded[method](model, seed=7 * rank) if method in seeded else BUILDS[method](model)
     start = 0
     if resume_from is not None:  # every rank loads what rank 0 saved
         ck = torch.load(resume_from, weights_only=True)
@@ -221,14 +226,14 @@ def _ddp_run(method, rank, world, out_dir, resume_from=None, save_at=None):
             dist.barrier()
 
     # S²FT's frozen weights are buffers: do not broadcast them at every forward
-    wrapper = Wrapper(model, **(NO_BUFFER_SYNC if method == "s2ft" else {}))
+    wrapper = Wrapper(model, parts["opt"], **(NO_BUFFER_SYNC if method == "s2ft" else {}))
     run(parts, wrapper, *batch(rank, world), start, STEPS, before_step=save)
     return model, parts, wrapper
 
 
 def _ddp_body(rank, world, out_dir, method):
     model, parts, wrapper = _ddp_run(method, rank, world, out_dir, save_at=RESUME_AT)
-    info = {"builds": wrapper.builds}
+    info = {"builds": wrapper.builds, "covers_opt": wrapper.covers_opt}
     if method == "sara":
         info["num_trainable"] = parts["opt"].num_trainable()
     if method == "owlore":
@@ -274,6 +279,7 @@ def test_ddp_matches_one_process(ddp_runs, method):
     # training did change weights
     assert any(k in base and not torch.equal(v, base[k]) for k, v in ref.items())
     info = run["ranks"][0]["info"]
+    assert info["covers_opt"]  # DDP's buckets hold exactly the optimizer's trainable tensors
     if method == "sara":  # the reselection happened, and the DDP wrapper was built again for it
         assert info["num_trainable"] == ref_parts["opt"].num_trainable()
         assert info["num_trainable"] < sum(mg.values.numel() + mg.frozen_values.numel()
@@ -399,7 +405,7 @@ def _fsdp_body(rank, world, out_dir):
     def sara_case():
         model = tiny()
         opt = ftops.SaRA(model, fraction=0.2, lr=2e-2, lambda_rank=1e-3, progressive_iter=3,
-                         register_values=False)
+                         register_values=False, seed=7 * rank)
         _shard(model, mesh)
         for _ in range(STEPS):
             loss_fn(model, x, y).backward()
