@@ -48,6 +48,12 @@ Differences from galore_torch, all deliberate:
   frees everything the optimizer holds for ``p``; the parameter then starts afresh (step 0,
   refresh at its next step).
 
+Distributed: under DistributedDataParallel every rank refreshes the projector from the same
+averaged gradient (the randomized projector is seeded per group ``seed``, parameter and step, not
+by the global RNG), so the ranks stay identical. Under FSDP2 a sharded (DTensor) parameter in a
+projected group is refused when the optimizer is built (projecting each shard on its own basis is
+a different algorithm); groups without ``rank`` run AdamW on the local shards.
+
 Layerwise training (:func:`layerwise`) steps one optimizer per parameter from
 ``register_post_accumulate_grad_hook`` and frees each gradient as soon as it has been used.
 """
@@ -174,8 +180,8 @@ def _sharded_projection_error(shape) -> ValueError:
         "is a DTensor (sharded, e.g. by FSDP2's fully_shard). GaLore projects the gradient of the "
         "whole matrix: its top singular subspace cannot be computed from one shard, and projecting "
         "each shard on its own basis is a different algorithm, so this is not supported. Train "
-        "the projected weights unsharded (DistributedDataParallel, or FSDP2's ignored_params), or "
-        "put them in a group without 'rank' (plain AdamW works on DTensors).")
+        "the model under DistributedDataParallel, or put the parameter in a group without 'rank' "
+        "(plain AdamW works on DTensors).")
 
 
 def _check_group(group: dict) -> None:
