@@ -48,6 +48,12 @@ Differences from galore_torch, all deliberate:
   frees everything the optimizer holds for ``p``; the parameter then starts afresh (step 0,
   refresh at its next step).
 
+Distributed: under DistributedDataParallel every rank refreshes the projector from the same
+averaged gradient (the randomized projector is seeded per group ``seed``, parameter and step, not
+by the global RNG), so the ranks stay identical. Under FSDP2 a sharded (DTensor) parameter in a
+projected group is refused when the optimizer is built (projecting each shard on its own basis is
+a different algorithm); groups without ``rank`` run AdamW on the local shards.
+
 Layerwise training (:func:`layerwise`) steps one optimizer per parameter from
 ``register_post_accumulate_grad_hook`` and frees each gradient as soon as it has been used.
 """
@@ -62,6 +68,11 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from . import _adamw
+
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed
+    DTensor = ()
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +177,16 @@ def randomized_basis(grad: torch.Tensor, rank: int, side: str, prev_left=None, p
 
 # --- the optimizer --------------------------------------------------------------------------------
 
+def _sharded_projection_error(shape) -> ValueError:
+    return ValueError(
+        f"GaLoreAdamW: a parameter of shape {tuple(shape)} in a projected group (one with 'rank') "
+        "is a DTensor (sharded, e.g. by FSDP2's fully_shard). GaLore projects the gradient of the "
+        "whole matrix: its top singular subspace cannot be computed from one shard, and projecting "
+        "each shard on its own basis is a different algorithm, so this is not supported. Train "
+        "the model under DistributedDataParallel, or put the parameter in a group without 'rank' "
+        "(plain AdamW works on DTensors).")
+
+
 def _check_group(group: dict) -> None:
     if "rank" not in group:
         return
@@ -234,6 +255,12 @@ class GaLoreAdamW(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         _check_group(param_group)
         super().add_param_group(param_group)
+        if "rank" in param_group:
+            sharded = [p for p in self.param_groups[-1]["params"]
+                       if isinstance(p, DTensor) and p.dim() == 2]
+            if sharded:
+                self.param_groups.pop()
+                raise _sharded_projection_error(sharded[0].shape)
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -282,6 +309,12 @@ class GaLoreAdamW(torch.optim.Optimizer):
             for p in group["params"]:
                 if p.grad is not None and p.grad.is_sparse:
                     raise RuntimeError("GaLoreAdamW does not support sparse gradients")
+                if isinstance(p, DTensor) and p.grad is not None and (
+                        not isinstance(p.grad, DTensor) or p.grad.placements != p.placements):
+                    raise RuntimeError(
+                        f"GaLoreAdamW: the gradient of a DTensor parameter (placements "
+                        f"{p.placements}) must be a DTensor with the same placements, got "
+                        f"{getattr(p.grad, 'placements', type(p.grad).__name__)}")
 
         index = -1
         for group in self.param_groups:
@@ -290,7 +323,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
             proj = "rank" in group
             # low-rank (projected) and plain parameters of this group
             lr_p, lr_g, lr_m, lr_v, lr_n, lr_steps, lr_pending = [], [], [], [], [], [], []
-            pl_p, pl_g, pl_m, pl_v, pl_steps = [], [], [], [], []
+            pl_p, pl_g, pl_m, pl_v, pl_steps, pl_states = [], [], [], [], [], []
             pending_numel = 0
 
             def flush():
@@ -365,9 +398,14 @@ class GaLoreAdamW(torch.optim.Optimizer):
                         flush()
                         pending_numel = 0
                 else:
+                    if isinstance(p, DTensor):
+                        # AdamW is elementwise: exact on the local shard (FSDP2 shards the gradient
+                        # as the parameter), and the moments are local too.
+                        p, grad = p.to_local(), grad.to_local()
                     if "exp_avg" not in state:
                         state["exp_avg"] = _adamw.zeros_moment(p)
                         state["exp_avg_sq"] = _adamw.zeros_moment(p)
+                    pl_states.append(state)
                     pl_p.append(p)
                     pl_g.append(grad if grad.is_contiguous() else grad.contiguous())
                     pl_m.append(state["exp_avg"])
@@ -395,7 +433,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 for k in idx:
                     if not fused:
                         pl_p[k].add_(pl_p[k], alpha=-lr * wd)
-                    self.state[pl_p[k]]["step"] = s
+                    pl_states[k]["step"] = s
         return loss
 
     @staticmethod

@@ -60,6 +60,7 @@ import warnings
 from typing import Any, Iterable, Mapping, Sequence
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 __all__ = ["OwLore", "outlier_ratios", "find_blocks", "galore_param_groups"]
@@ -330,7 +331,9 @@ class OwLore:
             must be positive.
         gamma: number of blocks active at a time, in ``[1, len(blocks)]``.
         period: steps between two draws (>= 1).
-        seed: seed of the sampler's own ``torch.Generator`` (the global RNG is not used).
+        seed: seed of the sampler's own ``torch.Generator`` (the global RNG is not used). Under
+            ``torch.distributed`` rank 0's generator state is broadcast at the first draw (and
+            after :meth:`load_state_dict`), so every rank draws the same blocks.
         optimizer: optional; anything with a ``state`` mapping keyed by parameter (every
             ``torch.optim.Optimizer``, ``ftops.GaLoreAdamW``, ``ftops.layerwise(...)``), a list of
             such, or a dict whose values are such (e.g. per-parameter optimizers). When given, the
@@ -389,6 +392,7 @@ class OwLore:
 
         self._gen = torch.Generator(device="cpu")
         self._gen.manual_seed(seed)
+        self._synced = False  # rank 0's generator state not yet received (torch.distributed)
         self.steps = 0
         self.active: list[int] = []
         self.history: list[list[int]] = []  # not saved; the draws made by this object
@@ -411,7 +415,20 @@ class OwLore:
                              "blocks with ratio 0 are never sampled")
         return r / r.sum()
 
+    def _sync_generator(self) -> None:
+        """Under torch.distributed, take rank 0's generator state (once, and after a load), so
+        every rank draws the same blocks even if the seeds differ."""
+        if self._synced or not (dist.is_available() and dist.is_initialized()):
+            return
+        device = torch.device("cuda", torch.cuda.current_device()) \
+            if dist.get_backend() == "nccl" else torch.device("cpu")
+        buf = self._gen.get_state().to(device)
+        dist.broadcast(buf, src=0)
+        self._gen.set_state(buf.cpu())
+        self._synced = True
+
     def _sample(self) -> list[int]:
+        self._sync_generator()
         picks = torch.multinomial(self.probs, self.gamma, replacement=False, generator=self._gen)
         return sorted(int(i) for i in picks)
 
@@ -431,14 +448,20 @@ class OwLore:
                                 del o.state[p]
         self.active = list(active)
 
-    def step(self) -> None:
-        """Advance one training step; draws a new sample on the first call and every ``period``."""
-        if self.steps % self.period == 0:
+    def step(self) -> bool:
+        """Advance one training step; draws a new sample on the first call and every ``period``.
+
+        Returns True when it drew (the set of trainable parameters may have changed: under
+        ``DistributedDataParallel``, wrap the model again, see the README's Distributed section).
+        """
+        drew = self.steps % self.period == 0
+        if drew:
             active = self._sample()
             self._apply(active)
             self.history.append(active)
             logger.info("OwLore: step %d trains blocks %s", self.steps, active)
         self.steps += 1
+        return drew
 
     def block_parameters(self, index: int) -> list[torch.nn.Parameter]:
         """The parameters of block ``index`` (each shared parameter listed once)."""
@@ -480,6 +503,7 @@ class OwLore:
                 or any(not 0 <= i < len(self.blocks) for i in active):
             raise ValueError(f"inconsistent state_dict: steps={steps}, active={active}")
         self._gen.set_state(state_dict["rng_state"])
+        self._synced = False
         self.steps = steps
         if active:
             self._apply(sorted(active))

@@ -57,6 +57,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+try:
+    from torch.distributed.tensor import DTensor
+except ImportError:  # a torch built without distributed
+    DTensor = ()
+
 __all__ = [
     "Selection",
     "RowSliceLinear",
@@ -509,17 +514,26 @@ class _SliceLinear(nn.Module, abc.ABC):
         ``copy.deepcopy``/pickling copy them separately, which would cut the storage sharing.
         The slice parameter is authoritative for its part: its values are written into the
         buffer and the parameter (same object, so optimizers keep it) becomes a view again.
+
+        A parameter object that this layer did not create is not re-pointed, only copied from:
+        FSDP2 (``fully_shard``) replaces the slice with a sharded DTensor between forwards and
+        registers its own unsharded parameter (storage it manages) for each forward, so the
+        gathered, current values reach the buffer at every forward and FSDP keeps its storage.
         """
         for pname, full, n in self._links():
             p = getattr(self, pname)
             if p is None:
                 continue
+            own = p is self._own_slices.get(pname)
+            if not own and isinstance(p, DTensor):
+                continue  # sharded between forwards: copied at the next forward
             view = full.narrow(0, 0, n)
             if (p.data_ptr() != view.data_ptr() or p.device != view.device
                     or p.dtype != view.dtype or p.shape != view.shape):
                 with torch.no_grad():
                     view.copy_(p.detach())
-                p.data = view
+                if own:
+                    p.data = view
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -574,9 +588,11 @@ class RowSliceLinear(_SliceLinear):
         self.register_buffer("bias", bias)
         self.weight_slice = nn.Parameter(self.weight.narrow(0, 0, rows))
         self.register_buffer("weight_slice_base", self.weight_slice.detach().clone(), persistent=False)
+        self._own_slices = {"weight_slice": self.weight_slice}
         if self.bias is not None and train_bias:
             self.bias_slice = nn.Parameter(self.bias.narrow(0, 0, rows))
             self.register_buffer("bias_slice_base", self.bias_slice.detach().clone(), persistent=False)
+            self._own_slices["bias_slice"] = self.bias_slice
         else:
             self.register_parameter("bias_slice", None)
             self.register_buffer("bias_slice_base", None, persistent=False)
@@ -630,6 +646,7 @@ class ColumnSliceLinear(_SliceLinear):
         self.register_buffer("bias", bias)
         self.weight_slice = nn.Parameter(self.weight_t.narrow(0, 0, cols))
         self.register_buffer("weight_slice_base", self.weight_slice.detach().clone(), persistent=False)
+        self._own_slices = {"weight_slice": self.weight_slice}
 
     @property
     def weight(self) -> torch.Tensor:

@@ -66,8 +66,14 @@ import types
 from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+try:
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:  # a torch built without distributed
+    DTensor, Shard = (), None
 
 from . import _ops
 from ._adamw import fused_adamw, moment_dtype
@@ -257,8 +263,13 @@ class _Managed:
         """W.flatten()[indices] += values for good (summed in the values' dtype, rounded once to
         W's dtype, as :func:`load` does); the values must not be applied again afterwards."""
         with torch.no_grad():
-            w = self.weight.view(-1)
+            w = self.weight
             flat = self.flat_indices()
+            if isinstance(w, DTensor):  # sharded by FSDP2: this rank's rows
+                w, pos, mine = _local_entries(w, flat)
+                w[pos] = (w[pos] + self.values.detach()[mine]).to(w.dtype)
+                return
+            w = w.view(-1)
             w[flat] = (w[flat] + self.values.detach()).to(w.dtype)
 
 
@@ -290,6 +301,75 @@ def values_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     weights (a master copy of the delta, so that small updates are not lost to rounding), else the
     weight dtype."""
     return torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
+
+
+# --- registration (for torch.distributed) ---------------------------------------------------------
+# The values are registered on their module as the parameter ``sara_values``, so that
+# ``model.parameters()`` yields exactly what the optimizer steps on: DistributedDataParallel's
+# buckets cover what it finds there, and would not see values held only by the optimizer. They are
+# left out of the module's ``state_dict`` (the weight already holds ``base + values``, and the
+# values' state belongs to the optimizer's ``state_dict``), so model checkpoints keep the plain
+# model's keys and load whatever the current size of the trainable set.
+
+_VALUES_NAME = "sara_values"
+
+
+def _drop_values_on_save(module, state_dict, prefix, local_metadata):
+    state_dict.pop(prefix + _VALUES_NAME, None)
+
+
+def _keep_values_on_load(module, state_dict, prefix, local_metadata, strict, missing_keys,
+                         unexpected_keys, error_msgs):
+    # not in a model state_dict: load the current values onto themselves (no "missing key")
+    values = module._parameters.get(_VALUES_NAME)
+    if values is not None:
+        state_dict.setdefault(prefix + _VALUES_NAME, values.detach())
+
+
+def _register_values(mg: "_Managed") -> None:
+    mod = mg.module
+    mod.register_parameter(_VALUES_NAME, mg.values)
+    mg.hooks = [mod.register_state_dict_post_hook(_drop_values_on_save),
+                mod.register_load_state_dict_pre_hook(_keep_values_on_load)]
+
+
+def _unregister_values(mg: "_Managed") -> None:
+    mg.module._parameters.pop(_VALUES_NAME, None)
+    for h in getattr(mg, "hooks", ()):
+        h.remove()
+    mg.hooks = []
+
+
+# --- FSDP2 ---------------------------------------------------------------------------------------
+# Under fully_shard the managed weights are DTensors sharded by rows (Shard(0)); the values stay
+# whole on every rank (not registered, or in fully_shard's ignored_params), SaRA averages their
+# gradients itself, every rank takes the same AdamW step, and each rank writes base + values into
+# its own rows of the weights. Exact: the same arithmetic as one process on the whole batch.
+
+def _row_shard(w: "DTensor") -> tuple[torch.Tensor, int]:
+    """(local shard, first global row) of a weight sharded by rows on a 1-D mesh."""
+    if w.device_mesh.ndim != 1 or tuple(w.placements) != (Shard(0),):
+        raise ValueError(f"ftops.SaRA: a managed weight is a DTensor with placements "
+                         f"{tuple(w.placements)} on a {w.device_mesh.ndim}-D mesh; SaRA supports "
+                         "weights sharded by rows (Shard(0), FSDP2's default) on a 1-D mesh")
+    local = w.to_local()
+    rows, ws = w.shape[0], w.device_mesh.size()
+    chunk = -(-rows // ws)  # torch.chunk sizes, as FSDP2 shards
+    start = min(w.device_mesh.get_local_rank() * chunk, rows)
+    if local.shape[0] != max(0, min(rows - start, chunk)):
+        raise ValueError("ftops.SaRA: unexpected row sharding of a managed weight "
+                         f"({local.shape[0]} local rows of {rows})")
+    return local, start
+
+
+def _local_entries(w: "DTensor", indices: torch.Tensor):
+    """(this rank's shard of w flattened, the local positions of those flat ``indices`` of the
+    full w that fall in its rows, the mask of those indices)."""
+    local, start = _row_shard(w)
+    n = w.numel() // max(w.shape[0], 1)
+    lo, hi = start * n, (start + local.shape[0]) * n
+    mine = (indices >= lo) & (indices < hi)
+    return local.view(-1), (indices[mine] - lo).long(), mine
 
 
 def _index_dtype(numel: int) -> torch.dtype:
@@ -364,6 +444,11 @@ class SaRA(torch.optim.Optimizer):
             (``torch.nn.utils.clip_grad_norm_``; before the nuclear-norm term is added). The
             values are not parameters of the model, so clipping ``model.parameters()`` (as
             ``transformers.Trainer``'s ``max_grad_norm`` does) does not reach them.
+        register_values: register each weight's values on its module as the parameter
+            ``sara_values`` (left out of the module's ``state_dict``), so that
+            ``model.parameters()`` yields what the optimizer steps on and a
+            ``DistributedDataParallel`` wrapper built afterwards averages their gradients.
+            ``None`` (default): when ``torch.distributed`` is initialized.
 
     The training loop is unchanged: ``loss.backward(); opt.step(); opt.zero_grad()``.
     ``step()`` consumes the values' gradients (sets them to None), so a loop that clears
@@ -383,7 +468,8 @@ class SaRA(torch.optim.Optimizer):
                  betas: tuple[float, float] = (0.9, 0.999), weight_decay: float = 0.0,
                  eps: float = 1e-8,
                  modules: Union[None, Callable[[str, nn.Module], bool], Sequence[str]] = None,
-                 seed: int = 0, max_grad_norm: Optional[float] = None):
+                 seed: int = 0, max_grad_norm: Optional[float] = None,
+                 register_values: Optional[bool] = None):
         if not isinstance(model, nn.Module):
             raise TypeError(f"ftops.SaRA: model must be an nn.Module, got {type(model).__name__}")
         if fraction is not None:
@@ -427,6 +513,9 @@ class SaRA(torch.optim.Optimizer):
             if getattr(mod, _ATTR, None) is not None:
                 raise ValueError(f"ftops.SaRA: module {mname!r} is already managed by a SaRA "
                                  "optimizer (unwrap it first)")
+            if register_values is not False and hasattr(mod, _VALUES_NAME):
+                raise ValueError(f"ftops.SaRA: module {mname!r} already has an attribute "
+                                 f"{_VALUES_NAME!r} (SaRA registers the trainable values there)")
             w = mod.weight
             if not isinstance(w, torch.Tensor) or w.dtype not in _FLOAT_TYPES:
                 raise TypeError(f"ftops.SaRA: {mname}.weight has dtype "
@@ -475,12 +564,18 @@ class SaRA(torch.optim.Optimizer):
         self._managed = managed
         self._model = model
         self._gen = torch.Generator().manual_seed(int(seed))
+        self._gen_synced = False
         defaults = dict(lr=lr, betas=(b1, b2), eps=eps, weight_decay=weight_decay,
                         lambda_rank=lambda_rank, progressive_iter=progressive_iter,
                         sara_step=0)
         super().__init__([mg.values for mg in managed], defaults)
         for mg in managed:
             self._init_state(mg)
+        if register_values is None:
+            register_values = dist.is_available() and dist.is_initialized()
+        if register_values:
+            for mg in managed:
+                _register_values(mg)
 
     # -- info -----------------------------------------------------------------------------------
 
@@ -540,10 +635,13 @@ class SaRA(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         group = self.param_groups[0]
+        if any(isinstance(mg.weight, DTensor) for mg in self._managed):
+            self._average_grads_fsdp()
         if self.max_grad_norm is not None:
             grads = [mg.values for mg in self._managed if mg.values.grad is not None]
             if grads:
                 torch.nn.utils.clip_grad_norm_(grads, self.max_grad_norm)
+        self._sync_generator()
         self._last_rank_matrix = self._add_nuclear_grad(float(group["lambda_rank"]))
         params, grads, m1, m2, steps, touched = [], [], [], [], [], []
         for mg in self._managed:
@@ -572,6 +670,34 @@ class SaRA(torch.optim.Optimizer):
             self.reselect()
         return loss
 
+    def _sync_generator(self) -> None:
+        """Under torch.distributed, take rank 0's generator state once (and after a load): every
+        rank then picks the same nuclear-norm matrix, whatever seed each was given."""
+        if getattr(self, "_gen_synced", True) or not (dist.is_available() and dist.is_initialized()):
+            return
+        device = torch.device("cuda", torch.cuda.current_device()) \
+            if dist.get_backend() == "nccl" else torch.device("cpu")
+        buf = self._gen.get_state().to(device)
+        dist.broadcast(buf, src=0)
+        self._gen.set_state(buf.cpu())
+        self._gen_synced = True
+
+    def _average_grads_fsdp(self) -> None:
+        """FSDP2 does not reduce the values (they are not sharded): average their gradients."""
+        for mg in self._managed:
+            if mg.module._parameters.get(_VALUES_NAME, mg.values) is not mg.values:
+                raise ValueError(
+                    f"ftops.SaRA: fully_shard sharded the values of {mg.name}; keep them whole: "
+                    "fully_shard(..., ignored_params=set(opt.param_groups[0]['params'])), or "
+                    "build SaRA with register_values=False")
+        grads = [mg.values.grad for mg in self._managed if mg.values.grad is not None]
+        if grads and dist.is_initialized() and dist.get_world_size() > 1:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat)
+            flat.div_(dist.get_world_size())
+            for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+                g.copy_(part.view_as(g))
+
     def reselect(self) -> None:
         """Progressive reselection (normally called by :meth:`step` at ``progressive_iter``):
         the active set of each weight becomes ``|W_now| < threshold`` (``<=`` in fraction mode)
@@ -583,16 +709,23 @@ class SaRA(torch.optim.Optimizer):
         with torch.no_grad():
             for mg in self._managed:
                 p = mg.values
-                w = mg.weight.view(-1)
+                w = mg.weight
+                sharded = isinstance(w, DTensor)
+                full = w.full_tensor() if sharded else w  # (a collective, once per weight)
                 flat = mg.flat_indices()
-                w_now = (w[flat] + p.detach()).to(w.dtype)  # the fine-tuned entries
+                w_now = (full.reshape(-1)[flat] + p.detach()).to(w.dtype)  # fine-tuned entries
+                del full
                 mag = w_now.abs()
                 keep = mag <= mg.select_threshold if mg.inclusive else mag < mg.select_threshold
                 del mag
                 if bool(keep.all()):
                     continue
                 drop = ~keep
-                w[flat[drop]] = w_now[drop]  # their update, for good
+                if sharded:  # their update, for good
+                    local, pos, mine = _local_entries(w, flat[drop])
+                    local[pos] = w_now[drop][mine]
+                else:
+                    w.view(-1)[flat[drop]] = w_now[drop]
                 fi = torch.cat([mg.frozen_indices, flat[drop]])
                 fv = torch.cat([mg.frozen_values, p.detach()[drop]])
                 order = fi.argsort()
@@ -601,10 +734,24 @@ class SaRA(torch.optim.Optimizer):
                 st["exp_avg"] = st["exp_avg"][keep].contiguous()
                 st["exp_avg_sq"] = st["exp_avg_sq"][keep].contiguous()
                 mg.set_indices(flat[keep])
-                p.grad = None
-                p.data = p.detach()[keep].contiguous()
+                self._resize_values(mg, p.detach()[keep].contiguous())
         logger.info("SaRA: progressive reselection keeps %d of %d trainable entries",
                     self.num_trainable(), before)
+
+    def _resize_values(self, mg: _Managed, data: torch.Tensor) -> None:
+        """Give ``mg`` trainable values of another size as a *new* Parameter (param_groups, state
+        and the module registration follow). Resizing the old Parameter in place would break a
+        DistributedDataParallel wrapper, which keeps each parameter's gradient accumulator with
+        the size it had; with a new Parameter the model is simply wrapped again."""
+        old = mg.values
+        new = nn.Parameter(data, requires_grad=old.requires_grad)
+        params = self.param_groups[0]["params"]
+        params[next(i for i, q in enumerate(params) if q is old)] = new
+        if old in self.state:
+            self.state[new] = self.state.pop(old)
+        mg.values = new
+        if mg.module._parameters.get(_VALUES_NAME) is old:
+            mg.module._parameters[_VALUES_NAME] = new
 
     # -- save / load / unwrap -------------------------------------------------------------------
 
@@ -668,10 +815,15 @@ class SaRA(torch.optim.Optimizer):
                 raise ValueError(f"ftops.SaRA.load_state_dict: the indices of {mg.name} must be "
                                  f"sorted, distinct and in [0, {mg.weight.numel()})")
             mg.values.grad = None
-            mg.values.data = e["values"].to(mg.values.dtype, copy=True).to(mg.values.device)
+            v = e["values"].to(mg.values.dtype, copy=True).to(mg.values.device)
+            if v.shape == mg.values.shape:
+                mg.values.data = v
+            else:
+                self._resize_values(mg, v)
         super().load_state_dict({"state": sd_state, "param_groups": state_dict["param_groups"]})
         if rng is not None:
             self._gen.set_state(rng)
+            self._gen_synced = False
         for i, mg in enumerate(self._managed):
             e = extra[i]
             dev = mg.values.device
@@ -698,6 +850,7 @@ class SaRA(torch.optim.Optimizer):
             if getattr(mod, _ATTR, None) is mg:
                 mg.merge_()
                 delattr(mod, _ATTR)
+            _unregister_values(mg)
         for p, flag in self._frozen_flags.values():
             p.requires_grad_(flag)
         self._managed = None
@@ -737,6 +890,7 @@ def unwrap(model: nn.Module) -> nn.Module:
                 del mod.forward
             mg.merge_()
             delattr(mod, _ATTR)
+            _unregister_values(mg)
     return model
 
 

@@ -244,19 +244,23 @@ def test_sara_trainer_matches_manual_loop(tmp_path):
     ropt = ftops.SaRA(ref, fraction=0.1, lr=1e-2, lambda_rank=0.0)
     manual_gradient_loop(ref, ropt, torch.optim.lr_scheduler.LambdaLR(ropt, lambda s: 1.0),
                          batches(ds, 4, 4), 4)
-    assert_same_model(model, ref)
     assert all(p.grad is None for p in opt.param_groups[0]["params"])
     assert train_losses(trainer)[-1] < train_losses(trainer)[0]
+    # the managed weights hold the pretrained entries until the update is merged (as under LoRA)
+    assert torch.equal(model.state_dict()[opt.names[0]], before[opt.names[0]])
+    delta, names = opt.delta(), opt.names
+    opt.unwrap()
+    ropt.unwrap()
+    assert_same_model(model, ref)
     # only the selected entries of the managed weights moved
-    delta = opt.delta()
     sd = model.state_dict()
-    for name in opt.names:
+    for name in names:
         idx = delta[name + ".sara_indices"].long()
         moved = (sd[name].reshape(-1) != before[name].reshape(-1)).nonzero().squeeze(1)
         assert moved.numel() > 0
         assert torch.isin(moved, idx).all(), name
     for k in before:
-        if k not in opt.names:
+        if k not in names:
             assert torch.equal(sd[k], before[k]), k
 
 
@@ -271,8 +275,11 @@ def test_sara_trainer_clipping(tmp_path):
         torch.nn.utils.clip_grad_norm_(vals, 0.01)
         ropt.step()
         ropt.zero_grad()
+    opt.unwrap()
+    ropt.unwrap()
     assert_same_model(model, ref)
-    unclipped, *_ = _sara_run(tmp_path, trainer_clip=1.0, sara_clip=None, steps=3)
+    unclipped, _, uopt, *_ = _sara_run(tmp_path, trainer_clip=1.0, sara_clip=None, steps=3)
+    uopt.unwrap()
     with pytest.raises(AssertionError):
         assert_same_model(model, unclipped)
 
