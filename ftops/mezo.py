@@ -32,15 +32,17 @@ _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16
 _SEED_RANGE = 2**63 - 1
 
 
-def noise_like(tensor: torch.Tensor, seed: int, index: int) -> torch.Tensor:
+def noise_like(tensor: torch.Tensor, seed: int, index: int, offset: int = 0) -> torch.Tensor:
     """The noise MeZO adds to parameter number ``index`` in a step with seed ``seed``.
 
     ``index`` is the parameter's position in the optimizer's parameter list (over all groups).
     The noise is standard normal, computed in float32 (the precision the kernels use for every
     parameter dtype) and returned as float32 with ``tensor``'s shape, on its device. It is a pure
     function of ``(seed, index, element index)``: the same for any thread count and on CPU and CUDA.
+    ``offset``: ``tensor`` holds elements ``[offset, offset + tensor.numel())`` of the parameter
+    (flattened), e.g. one rank's shard; the result is the noise of those elements.
     """
-    return _ops.zo_noise(tensor, seed, index)
+    return _ops.zo_noise(tensor, seed, index, offset)
 
 
 class MeZOStep(NamedTuple):
