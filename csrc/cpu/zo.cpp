@@ -22,7 +22,9 @@
 #include "../common/zo_undo.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FTOPS_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+// x86-64-v4 (AVX-512 F/BW/DQ/VL), not plain avx512f: the half-type loops mix 16- and 32-bit
+// lanes, and without AVX512BW GCC only vectorizes them 256 bits wide.
+#define FTOPS_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 #else
 #define FTOPS_CLONES
 #endif
@@ -123,10 +125,13 @@ FTOPS_CLONES void axpby_blocks(scalar_t* p, Span sp, const NoiseKey* keys, const
     block_noise_sum<acc_t>(keys, coeffs, n_seeds, b, acc_block);
     const int64_t lo = sp.lo(b), n = sp.hi(b) - lo;
     const acc_t* acc = acc_block + lo;
-    scalar_t* q = p + sp.local(b, lo);
+    // on the bit patterns, with the branch-free conversions of zo_undo.h (c10's Half
+    // conversions do not vectorize); the same values as static_cast
+    using B = FBits<scalar_t>;
+    auto* q = reinterpret_cast<typename B::U*>(p + sp.local(b, lo));
     for (int64_t j = 0; j < n; ++j) {
-      const acc_t v = static_cast<acc_t>(q[j]);
-      q[j] = static_cast<scalar_t>(v + (acc[j] - d * v));
+      const acc_t v = B::to_f(q[j]);
+      q[j] = B::from_f(v + (acc[j] - d * v));
     }
   }
 }
