@@ -46,7 +46,7 @@ struct alignas(4 * sizeof(T)) Vec4 {
 };
 
 // Philox groups of a tensor of `numel` elements at element offset `offset` (0 if empty).
-inline int64_t span_groups(int64_t offset, int64_t numel) {
+FTOPS_HD int64_t span_groups(int64_t offset, int64_t numel) {
   return numel == 0 ? 0 : (offset + numel + 3) / 4 - offset / 4;
 }
 
