@@ -19,6 +19,10 @@ What is measured (issue 2, section 6):
   CUDA: ``torch.cuda.max_memory_allocated()`` over the measured steps (stats reset after warm-up)
   minus ``torch.cuda.memory_allocated()`` with only the weights allocated.
   Reported as bytes and as % of the largest parameter (target: ftops <= 1%).
+* Per-pass time (``--pass-numel``, default 2^21 elements on CPU, 2^24 on CUDA; 0 skips it): each
+  kind of MeZO pass (perturbation, exact undo fused with the next perturbation, plain
+  ``zo_axpby_``) on one tensor, per dtype and, on CPU, with 1 thread and with all threads, as a
+  ratio to the same pass in float32 (the half types must not fall off the vectorized path).
 * CUDA only: the bandwidth floor = 3 passes x (read + write of every weight byte) / device-to-
   device copy bandwidth measured in the same run (``dst.copy_(src)`` of a large tensor).
 * Restore drift in bfloat16 and float16: ``--drift-cycles`` perturb/restore cycles at lr=0 on a
@@ -360,6 +364,39 @@ def drift(impl, device, dtype, numel, cycles, seed=0) -> dict:
 # ------------------------------------------------------------------------------------------------
 
 
+def pass_times(device, numel, thread_counts, reps=7) -> dict:
+    """Median time of each kind of MeZO pass on one tensor of `numel` elements, per dtype and
+    CPU thread count: the perturbation (noise + ties-up rounding), the exact undo fused with the
+    next perturbation (MeZO's second pass), and a plain zo_axpby_ (replay's pass)."""
+    from ftops import _ops
+
+    passes = {
+        "perturb": lambda p: _ops.zo_undo_axpby_([p], 7, [0.0], [7], [0], [EPS], [0.0], True),
+        "undo+perturb": lambda p: _ops.zo_undo_axpby_([p], 7, [EPS], [7], [0], [-EPS], [0.0], True),
+        "axpby": lambda p: _ops.zo_axpby_([p], [7], [0], [EPS], [0.0]),
+    }
+    old_threads = torch.get_num_threads()
+    out = {}
+    try:
+        for threads in thread_counts if device.type == "cpu" else [old_threads]:
+            torch.set_num_threads(threads)
+            for dt in ("float32", "bfloat16", "float16"):
+                p = (torch.randn(numel, device=device) * 0.02).to(DTYPES[dt])
+                for name, fn in passes.items():
+                    fn(p)
+                    ts = []
+                    for _ in range(reps):
+                        sync(device)
+                        t0 = time.perf_counter()
+                        fn(p)
+                        sync(device)
+                        ts.append(time.perf_counter() - t0)
+                    out[f"{name}/{dt}/{threads}"] = statistics.median(ts)
+    finally:
+        torch.set_num_threads(old_threads)
+    return out
+
+
 def fmt_bytes(n):
     return f"{n / 2**20:.2f} MiB"
 
@@ -376,6 +413,8 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--drift-cycles", type=int, default=None)
     ap.add_argument("--drift-numel", type=int, default=None)
+    ap.add_argument("--pass-numel", type=int, default=None,
+                    help="elements of the tensor for the per-pass timings (0: skip them)")
     ap.add_argument("--out", default=str(HERE / "results" / "mezo.json"))
     ap.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -459,6 +498,19 @@ def main(argv=None):
             entry["ftops_over_floor"] = ft["median_s"] / floor
             entry["reference_over_floor"] = ref["median_s"] / floor
         results["timing"][dt] = entry
+
+    pass_numel = (1 << 24 if cuda else 1 << 21) if args.pass_numel is None else args.pass_numel
+    if pass_numel:
+        # each pass kind per dtype (and per thread count on CPU), against float32's same pass
+        threads = sorted({1, info["threads"]})
+        pt = pass_times(device, pass_numel, threads)
+        results["passes"] = {"numel": pass_numel, "seconds": pt}
+        print(f"  per-pass time on {pass_numel} elements (ms; x = ratio to the float32 pass):")
+        for key, t in pt.items():
+            name, dt, th = key.split("/")
+            ratio = t / pt[f"{name}/float32/{th}"]
+            print(f"    {name:13s} {dt:9s} threads={th:>2s}: {t * 1e3:8.2f} ms "
+                  f"{pass_numel / t / 1e6:8.1f} Melem/s  {ratio:5.2f}x")
 
     for dt in ("bfloat16", "float16"):
         entry = {}

@@ -8,7 +8,10 @@ TORCH_LIBRARY(ftops, m) {
   // params[k] += sum_s coeffs[s*K + k] * z(seeds[s], ids[k]) - decay[k] * params[k], in place,
   // over all tensors in one pass; z(seed, id) is the counter-based normal noise of
   // csrc/common/philox.h. 1 to 8 seeds per call.
-  m.def("zo_axpby_(Tensor(a!)[] params, int[] seeds, int[] ids, float[] coeffs, float[] decay) -> ()");
+  // offsets[k] (optional, default all 0): params[k] holds elements [offsets[k], offsets[k] +
+  // numel) of a larger tensor (a shard), and gets exactly their noise and rounding.
+  m.def("zo_axpby_(Tensor(a!)[] params, int[] seeds, int[] ids, float[] coeffs, float[] decay, "
+        "int[] offsets=[]) -> ()");
   // The same pass preceded by an exact undo of the previous perturbation pass, in one pass:
   // t_k = the value that a perturbation pass `round_up_ties(t + undo_coeffs[k] * z(undo_seed,
   // ids[k]))` maps to params[k] (bit-exact wherever that map is injective; see
@@ -18,11 +21,12 @@ TORCH_LIBRARY(ftops, m) {
   // t_k = params[k] (nothing to undo). 0 to 8 seeds; an apply
   // seed equal to undo_seed reuses the undo noise (no extra noise generation).
   m.def("zo_undo_axpby_(Tensor(a!)[] params, int undo_seed, float[] undo_coeffs, int[] seeds, "
-        "int[] ids, float[] coeffs, float[] decay, bool invertible=False) -> ()");
-  // The float32 noise z(seed, index) shaped like `like` (on like's device).
-  m.def("zo_noise(Tensor like, int seed, int index) -> Tensor");
+        "int[] ids, float[] coeffs, float[] decay, bool invertible=False, int[] offsets=[]) -> ()");
+  // The float32 noise z(seed, index) of elements [offset, offset + like.numel()), shaped like
+  // `like` (on like's device).
+  m.def("zo_noise(Tensor like, int seed, int index, int offset=0) -> Tensor");
   // The raw Philox uint32 words behind it, as int64, flattened (for cross-device checks).
-  m.def("zo_noise_bits(Tensor like, int seed, int index) -> Tensor");
+  m.def("zo_noise_bits(Tensor like, int seed, int index, int offset=0) -> Tensor");
 
   // --- fused AdamW -----------------------------------------------------------------------------
   // torch.optim.AdamW on lists, in place, one pass over all tensors, one hyper-parameter set per

@@ -43,22 +43,22 @@ _load_library()
 # --- fake (meta) implementations -----------------------------------------------------------------
 
 @torch.library.register_fake("ftops::zo_axpby_")
-def _(params, seeds, ids, coeffs, decay):
+def _(params, seeds, ids, coeffs, decay, offsets=()):
     return None
 
 
 @torch.library.register_fake("ftops::zo_undo_axpby_")
-def _(params, undo_seed, undo_coeffs, seeds, ids, coeffs, decay, invertible=False):
+def _(params, undo_seed, undo_coeffs, seeds, ids, coeffs, decay, invertible=False, offsets=()):
     return None
 
 
 @torch.library.register_fake("ftops::zo_noise")
-def _(like, seed, index):
+def _(like, seed, index, offset=0):
     return torch.empty(like.shape, dtype=torch.float32, device=like.device)
 
 
 @torch.library.register_fake("ftops::zo_noise_bits")
-def _(like, seed, index):
+def _(like, seed, index, offset=0):
     return torch.empty((like.numel(),), dtype=torch.int64, device=like.device)
 
 
@@ -99,20 +99,25 @@ def zo_axpby_(
     ids: Sequence[int],
     coeffs: Sequence[float],
     decay: Sequence[float],
+    offsets: Sequence[int] | None = None,
 ) -> None:
     """In place, for every k: ``params[k] += sum_s coeffs[s*K + k] * z(seeds[s], ids[k]) - decay[k] * params[k]``.
 
     ``z(seed, id)`` is the counter-based normal noise (see :func:`zo_noise`). All tensors must be
     dense, contiguous, on one device, and float32/float64/float16/bfloat16; half types are
     computed in float32 and rounded once. One pass over all tensors; at most 8 seeds per call.
+    ``offsets[k]`` (default all 0): ``params[k]`` holds elements ``[offsets[k], offsets[k] +
+    numel)`` of a larger tensor, e.g. a shard, and gets exactly the noise and the rounding of
+    those elements, bit for bit.
     """
     params, seeds, ids = list(params), list(seeds), list(ids)
     coeffs, decay = list(coeffs), list(decay)
+    offsets = [] if offsets is None else [int(o) for o in offsets]
     op = "ftops.zo_axpby_"
     if not params:
         # Nothing to update, but the dispatcher cannot pick a kernel for an empty tensor list:
         # check the other arguments as the kernels would, then return.
-        for name, arg in (("ids", ids), ("decay", decay), ("coeffs", coeffs)):
+        for name, arg in (("ids", ids), ("decay", decay), ("coeffs", coeffs), ("offsets", offsets)):
             if arg:
                 raise RuntimeError(f"{op}: {name} has {len(arg)} entries but params is empty")
         if not 1 <= len(seeds) <= MAX_SEEDS_PER_CALL:
@@ -127,7 +132,7 @@ def zo_axpby_(
             raise RuntimeError(
                 f"{op}: params[{k}] must be a dense (strided) tensor, got layout {p.layout}"
             )
-    torch.ops.ftops.zo_axpby_(params, seeds, ids, coeffs, decay)
+    torch.ops.ftops.zo_axpby_(params, seeds, ids, coeffs, decay, offsets)
 
 
 def zo_undo_axpby_(
@@ -139,6 +144,7 @@ def zo_undo_axpby_(
     coeffs: Sequence[float],
     decay: Sequence[float],
     invertible: bool = False,
+    offsets: Sequence[int] | None = None,
 ) -> None:
     """Undo the previous perturbation exactly, then apply a :func:`zo_axpby_` step, in one pass.
 
@@ -154,14 +160,15 @@ def zo_undo_axpby_(
 
     ``undo_coeffs[k] = 0`` undoes nothing (t = params[k] as is). 0 to 8 ``seeds``; a seed equal to ``undo_seed`` reuses
     the undo noise, so undo-and-reperturb with the same seed costs one noise generation. Same
-    tensor rules as :func:`zo_axpby_`. See csrc/common/zo_undo.h.
+    tensor rules and ``offsets`` as :func:`zo_axpby_`. See csrc/common/zo_undo.h.
     """
     params, seeds, ids = list(params), list(seeds), list(ids)
     undo_coeffs, coeffs, decay = list(undo_coeffs), list(coeffs), list(decay)
+    offsets = [] if offsets is None else [int(o) for o in offsets]
     op = "ftops.zo_undo_axpby_"
     if not params:
         for name, arg in (("undo_coeffs", undo_coeffs), ("ids", ids), ("decay", decay),
-                          ("coeffs", coeffs)):
+                          ("coeffs", coeffs), ("offsets", offsets)):
             if arg:
                 raise RuntimeError(f"{op}: {name} has {len(arg)} entries but params is empty")
         if len(seeds) > MAX_SEEDS_PER_CALL:
@@ -175,17 +182,18 @@ def zo_undo_axpby_(
                 f"{op}: params[{k}] must be a dense (strided) tensor, got layout {p.layout}"
             )
     torch.ops.ftops.zo_undo_axpby_(params, int(undo_seed), undo_coeffs, seeds, ids, coeffs, decay,
-                                   bool(invertible))
+                                   bool(invertible), offsets)
 
 
-def zo_noise(like: torch.Tensor, seed: int, index: int) -> torch.Tensor:
-    """The float32 noise ``z(seed, index)`` shaped like ``like``, on its device."""
-    return torch.ops.ftops.zo_noise(like, seed, index)
+def zo_noise(like: torch.Tensor, seed: int, index: int, offset: int = 0) -> torch.Tensor:
+    """The float32 noise ``z(seed, index)`` of elements ``[offset, offset + like.numel())``,
+    shaped like ``like``, on its device."""
+    return torch.ops.ftops.zo_noise(like, seed, index, offset)
 
 
-def zo_noise_bits(like: torch.Tensor, seed: int, index: int) -> torch.Tensor:
+def zo_noise_bits(like: torch.Tensor, seed: int, index: int, offset: int = 0) -> torch.Tensor:
     """The raw Philox uint32 words behind :func:`zo_noise`, flattened, as int64."""
-    return torch.ops.ftops.zo_noise_bits(like, seed, index)
+    return torch.ops.ftops.zo_noise_bits(like, seed, index, offset)
 
 
 def adamw_(

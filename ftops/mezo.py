@@ -17,8 +17,10 @@ half an ulp of the perturbed value.
 """
 from __future__ import annotations
 
+import logging
 import math
 import warnings
+import weakref
 from typing import Callable, Iterable, NamedTuple, Sequence
 
 import torch
@@ -28,19 +30,23 @@ from . import _ops
 
 __all__ = ["MeZO", "MeZOStep", "noise_like", "replay"]
 
+logger = logging.getLogger(__name__)
+
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _SEED_RANGE = 2**63 - 1
 
 
-def noise_like(tensor: torch.Tensor, seed: int, index: int) -> torch.Tensor:
+def noise_like(tensor: torch.Tensor, seed: int, index: int, offset: int = 0) -> torch.Tensor:
     """The noise MeZO adds to parameter number ``index`` in a step with seed ``seed``.
 
     ``index`` is the parameter's position in the optimizer's parameter list (over all groups).
     The noise is standard normal, computed in float32 (the precision the kernels use for every
     parameter dtype) and returned as float32 with ``tensor``'s shape, on its device. It is a pure
     function of ``(seed, index, element index)``: the same for any thread count and on CPU and CUDA.
+    ``offset``: ``tensor`` holds elements ``[offset, offset + tensor.numel())`` of the parameter
+    (flattened), e.g. one rank's shard; the result is the noise of those elements.
     """
-    return _ops.zo_noise(tensor, seed, index)
+    return _ops.zo_noise(tensor, seed, index, offset)
 
 
 class MeZOStep(NamedTuple):
@@ -58,47 +64,102 @@ class MeZOStep(NamedTuple):
     eps: tuple[float, ...]
 
 
-def _apply_in_chunks(tensors, seeds, ids, coeffs_by_seed, decay):
+def _apply_in_chunks(tensors, seeds, ids, coeffs_by_seed, decay, offsets):
     """zo_axpby_ over any number of seeds: the kernel takes at most 8 per call, decay goes once."""
     n = _ops.MAX_SEEDS_PER_CALL
     for start in range(0, len(seeds), n):
         chunk = range(start, min(start + n, len(seeds)))
         coeffs = [c for s in chunk for c in coeffs_by_seed[s]]
         _ops.zo_axpby_(tensors, [seeds[s] for s in chunk], ids, coeffs,
-                       decay if start == 0 else [0.0] * len(tensors))
+                       decay if start == 0 else [0.0] * len(tensors), offsets)
 
 
-def _undo_apply_in_chunks(tensors, undo_seed, undo, seeds, ids, coeffs_by_seed, decay, invertible):
+def _undo_apply_in_chunks(tensors, undo_seed, undo, seeds, ids, coeffs_by_seed, decay, invertible,
+                          offsets):
     """zo_undo_axpby_ with the first (up to) 8 seeds, zo_axpby_ for any further chunks."""
     n = _ops.MAX_SEEDS_PER_CALL
     first = range(0, min(n, len(seeds)))
     _ops.zo_undo_axpby_(tensors, undo_seed, undo, [seeds[s] for s in first], ids,
-                        [c for s in first for c in coeffs_by_seed[s]], decay, invertible)
+                        [c for s in first for c in coeffs_by_seed[s]], decay, invertible, offsets)
     if len(seeds) > n:
-        _apply_in_chunks(tensors, seeds[n:], ids, coeffs_by_seed[n:], [0.0] * len(tensors))
+        _apply_in_chunks(tensors, seeds[n:], ids, coeffs_by_seed[n:], [0.0] * len(tensors),
+                         offsets)
+
+
+def _dtensor_type():
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch built without distributed
+        return None
+    return DTensor
+
+
+def _local_shard(p, where: str):
+    """(the tensor the kernels update, its element offset in the flattened parameter).
+
+    A plain tensor is itself at offset 0. A DTensor (FSDP2's sharded parameters, dim-0 shards;
+    uneven shards and empty ones included) is its local shard at the global offset of its
+    first element, which must hold a contiguous range of the parameter's elements (true for any
+    Shard(0)/Replicate placement; a tensor-parallel Shard(1) is not, and is refused).
+    """
+    DTensor = _dtensor_type()
+    if DTensor is None or not isinstance(p, DTensor):
+        return p, 0
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    local = p.to_local()  # under no_grad: the local tensor itself, updated in place
+    shape, start = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    if tuple(local.shape) != tuple(shape):
+        raise ValueError(f"MeZO: {where} is a DTensor whose local tensor has shape "
+                         f"{tuple(local.shape)}, not the {tuple(shape)} its placements "
+                         f"{p.placements} give")
+    if local.numel() == 0:
+        return local, 0
+    # a contiguous range: the whole tensor, or leading dims of size 1, one partial dim d, then
+    # whole dims
+    d = next((i for i, (a, b) in enumerate(zip(shape, p.shape)) if a != b), None)
+    if d is not None and (any(shape[i] != 1 for i in range(d))
+                          or any(shape[i] != p.shape[i] for i in range(d + 1, len(shape)))):
+        raise ValueError(f"MeZO: {where} is a DTensor with placements {p.placements} whose local "
+                         "shard is not a contiguous range of the parameter's elements; MeZO "
+                         "supports dim-0 sharding (FSDP2) and replication")
+    offset, stride = 0, 1
+    for i in reversed(range(len(shape))):
+        offset += start[i] * stride
+        stride *= p.shape[i]
+    return local, offset
 
 
 class _ParamSet:
-    """The trainable tensors of an optimizer, flattened, with their noise ids and group."""
+    """The trainable tensors of an optimizer, flattened, with their noise ids and group.
+
+    DTensor parameters (FSDP2) are replaced by their local shards, with the element offset of each
+    shard: a shard gets exactly the noise and rounding of the same elements of the whole tensor,
+    so a sharded run takes bit-identical steps to an unsharded one.
+    """
 
     def __init__(self, param_groups, selected=lambda p: p.requires_grad):
-        self.tensors, self.ids, self.group_of = [], [], []
+        self.params, self.tensors, self.offsets, self.ids, self.group_of = [], [], [], [], []
         index = 0
         for g, group in enumerate(param_groups):
             for p in group["params"]:
                 if selected(p):
-                    self.tensors.append(p)
+                    local, offset = _local_shard(p, f"parameter {index} (shape {tuple(p.shape)})")
+                    self.params.append(p)
+                    self.tensors.append(local)
+                    self.offsets.append(offset)
                     self.ids.append(index)
                     self.group_of.append(g)
                 index += 1
         self.by_device: dict[torch.device, list[int]] = {}
         for k, p in enumerate(self.tensors):
             self.by_device.setdefault(p.device, []).append(k)
+        self.sharded = any(p is not t for p, t in zip(self.params, self.tensors))
 
     def validate(self):
         """Check every tensor before any is touched, so a bad one cannot leave others perturbed."""
         for k, p in enumerate(self.tensors):
-            where = f"parameter {self.ids[k]} (shape {tuple(p.shape)})"
+            where = f"parameter {self.ids[k]} (shape {tuple(self.params[k].shape)})"
             if p.layout != torch.strided:
                 raise ValueError(f"MeZO: {where} has layout {p.layout}; only dense tensors are supported")
             if p.dtype not in _SUPPORTED_DTYPES:
@@ -106,25 +167,60 @@ class _ParamSet:
             if not p.is_contiguous():
                 raise ValueError(f"MeZO: {where} is not contiguous (strides {p.stride()})")
 
+    def _per_device(self):
+        for idx in self.by_device.values():
+            yield (idx, [self.tensors[k] for k in idx], [self.ids[k] for k in idx],
+                   [self.offsets[k] for k in idx])
+
     def axpby(self, seeds, coeff, decay=None):
         """p += sum_s coeff(s, group) * z_s - decay(group) * p, for every tensor, one pass."""
-        for idx in self.by_device.values():
-            tensors = [self.tensors[k] for k in idx]
-            ids = [self.ids[k] for k in idx]
+        for idx, tensors, ids, offsets in self._per_device():
             coeffs = [[coeff(s, self.group_of[k]) for k in idx] for s in range(len(seeds))]
             dec = [decay(self.group_of[k]) if decay else 0.0 for k in idx]
-            _apply_in_chunks(tensors, list(seeds), ids, coeffs, dec)
+            _apply_in_chunks(tensors, list(seeds), ids, coeffs, dec, offsets)
 
     def undo_axpby(self, undo_seed, undo_coeff, seeds, coeff=None, decay=None, invertible=False):
         """One pass: undo the perturbation undo_coeff(group) * z_undo exactly, then
         p = θ + sum_s coeff(s, group) * z_s - decay(group) * θ (ties up when `invertible`)."""
-        for idx in self.by_device.values():
-            tensors = [self.tensors[k] for k in idx]
-            ids = [self.ids[k] for k in idx]
+        for idx, tensors, ids, offsets in self._per_device():
             undo = [undo_coeff(self.group_of[k]) for k in idx]
             coeffs = [[coeff(s, self.group_of[k]) for k in idx] for s in range(len(seeds))]
             dec = [decay(self.group_of[k]) if decay else 0.0 for k in idx]
-            _undo_apply_in_chunks(tensors, undo_seed, undo, list(seeds), ids, coeffs, dec, invertible)
+            _undo_apply_in_chunks(tensors, undo_seed, undo, list(seeds), ids, coeffs, dec,
+                                  invertible, offsets)
+
+
+def _fsdp_modules_holding(params) -> list:
+    """The FSDP2 modules (``fully_shard``) whose sharded parameters are among ``params``.
+
+    FSDP2 keeps the root module's parameters unsharded after a forward that no backward follows
+    (its default ``reshard_after_forward`` for the root), and the next forward then reuses them:
+    it would not see MeZO's in-place changes to the shards. MeZO reshards these modules after
+    each forward (``FSDPModule.reshard()``, a local operation that only frees the gathered copy).
+    Finding them uses FSDP2's module-to-state registry, which has no public accessor.
+    """
+    try:
+        from torch.distributed._composable_state import _module_state_mapping
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return []
+    wanted = {id(p) for p in params}
+    found = []
+    for module in list(_module_state_mapping.keys()):
+        if not isinstance(module, FSDPModule):
+            continue
+        try:
+            state = module._get_fsdp_state()
+            groups = getattr(state, "_fsdp_param_groups", None)
+            if groups is None:  # torch < 2.12: one group per state
+                group = getattr(state, "_fsdp_param_group", None)
+                groups = [group] if group is not None else []
+            if any(id(fp.sharded_param) in wanted for g in groups for fp in g.fsdp_params):
+                found.append(module)
+        except AttributeError:  # a torch whose FSDP2 internals differ: say so, do not guess
+            logger.warning("MeZO: could not inspect FSDP2 module %s; if it is the root, pass "
+                           "reshard_after_forward=True to fully_shard", type(module).__name__)
+    return found
 
 
 def _loss_value(loss) -> float:
@@ -169,6 +265,14 @@ class MeZO(torch.optim.Optimizer):
     broadcast once (at the first step and after ``load_state_dict``), so all ranks draw the same
     seeds; each rank evaluates its own batch and only the ``n_samples`` loss differences are
     all-reduced (averaged) per step, so all ranks apply the same update and stay identical.
+
+    Sharded (FSDP2, ``fully_shard``): DTensor parameters are perturbed and updated shard by
+    shard, each local shard with its global element offset, so every element gets the noise and
+    the rounding it would get unsharded: with the same loss values a sharded run is bit-identical
+    to a single-process one. Beyond FSDP's own all-gathers, a step still communicates only the
+    ``n_samples`` loss differences. The forwards are FSDP's (each rank evaluates the whole model
+    on its own batch); MeZO reshards the FSDP2 modules holding its parameters after every
+    forward, so the next forward gathers the freshly perturbed shards.
     """
 
     def __init__(
@@ -233,6 +337,15 @@ class MeZO(torch.optim.Optimizer):
             raise TypeError("MeZO.step needs a closure that runs the forward pass and returns the loss")
         params = _ParamSet(self.param_groups)
         params.validate()
+        fsdp_modules = _fsdp_modules_holding(params.params) if params.sharded else []
+
+        def evaluate():
+            # FSDP2 must gather the shards as they are now: drop any gathered copy a previous
+            # forward left behind (see _fsdp_modules_holding)
+            for module in fsdp_modules:
+                module.reshard()
+            return closure()
+
         self._sync_generator()
         seeds = self._draw_seeds()
         groups = self.param_groups
@@ -250,6 +363,8 @@ class MeZO(torch.optim.Optimizer):
             if current is not None and offset != 0.0:
                 off = offset
                 params.undo_axpby(current, lambda g: off * eps[g], [])
+            for module in fsdp_modules:
+                module.reshard()
 
         try:
             for s in range(n):
@@ -260,7 +375,7 @@ class MeZO(torch.optim.Optimizer):
                     params.undo_axpby(current, lambda g: -eps[g], [seeds[s]], lambda _, g: eps[g],
                                       invertible=True)
                 current, offset = seeds[s], 1.0
-                loss = closure()
+                loss = evaluate()
                 if first_loss is None:
                     first_loss = loss
                 loss_plus = _loss_value(loss)
@@ -268,7 +383,7 @@ class MeZO(torch.optim.Optimizer):
                 params.undo_axpby(current, lambda g: eps[g], [current], lambda _, g: -eps[g],
                                   invertible=True)
                 offset = -1.0
-                loss_minus = _loss_value(closure())
+                loss_minus = _loss_value(evaluate())
                 diffs.append(loss_plus - loss_minus)
 
             if dist.is_available() and dist.is_initialized():
@@ -299,6 +414,8 @@ class MeZO(torch.optim.Optimizer):
             return -lrs[g] / n * diffs[s] / (2.0 * eps[g])
 
         params.undo_axpby(current, lambda g: -eps[g], seeds, coeff, lambda g: lrs[g] * wds[g])
+        for module in fsdp_modules:  # a later forward (evaluation) gathers the updated shards
+            module.reshard()
         if self.keep_log:
             self.log.append(MeZOStep(tuple(seeds), tuple(d / (2.0 * eps[0]) for d in diffs),
                                      tuple(lrs), tuple(wds), tuple(eps)))

@@ -399,3 +399,182 @@ def test_replay_with_frozen_parameter():
     torch.testing.assert_close(base[0], a.detach(), rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(base[2], c.detach(), rtol=1e-6, atol=1e-6)
     assert torch.equal(frozen.detach(), base[1])
+
+
+# --- DDP and FSDP2: bit-exact steps, one all_reduce per step, checkpoints ---------------------------
+
+def _tiny_model():
+    torch.manual_seed(0)
+    # sizes that shard unevenly over 2 ranks at offsets inside Philox groups and CPU blocks:
+    # 37x13 -> rows 19 + 18 (offset 247), 3x37 -> 2 + 1 (offset 74), 1x3 -> 1 + 0 (an empty shard)
+    return torch.nn.Sequential(torch.nn.Linear(13, 37), torch.nn.Tanh(), torch.nn.Linear(37, 3),
+                               torch.nn.Tanh(), torch.nn.Linear(3, 1))
+
+
+def _tiny_batch(rows=slice(None)):
+    g = torch.Generator().manual_seed(1)
+    X, y = torch.randn(16, 13, generator=g), torch.randn(16, generator=g)
+    return X[rows], y[rows]
+
+
+def _tiny_groups(params):
+    """Weights with decay, biases without: two groups, as users set MeZO up."""
+    params = list(params)
+    return [{"params": params[0::2]}, {"params": params[1::2], "weight_decay": 0.0}]
+
+
+def _tiny_opt(params, seed):
+    return MeZO(_tiny_groups(params), lr=5e-2, eps=1e-3, weight_decay=0.01, n_samples=2, seed=seed)
+
+
+def _count_all_reduce(fn):
+    """Run fn(); return (its result, [numel of each dist.all_reduce it made])."""
+    import torch.distributed as dist
+
+    sizes, real = [], dist.all_reduce
+
+    def counting(tensor, *args, **kwargs):
+        sizes.append(tensor.numel())
+        return real(tensor, *args, **kwargs)
+
+    dist.all_reduce = counting
+    try:
+        return fn(), sizes
+    finally:
+        dist.all_reduce = real
+
+
+def _run_with_checkpoint(rank, out_dir, model, params, local, closure, steps=(3, 2)):
+    """`steps[0]` steps, a checkpoint (rank 0 writes the optimizer state), `steps[1]` more; then
+    a fresh optimizer (other seed) loads the checkpoint on every rank, the weights are put back,
+    and the last `steps[1]` steps are taken again. Returns the losses, the all_reduce sizes of
+    the steps after the first, and the weights of both runs (through `local`)."""
+    import torch.distributed as dist
+
+    opt = _tiny_opt(params, seed=100 + rank)  # rank 0's seed wins
+    losses = [float(opt.step(closure))]
+    (more, sizes) = _count_all_reduce(lambda: [float(opt.step(closure)) for _ in range(steps[0] - 1)])
+    losses += more
+    path = os.path.join(out_dir, "opt.pt")
+    if rank == 0:
+        torch.save(opt.state_dict(), path)
+    saved = [local(p).clone() for p in params]
+    losses += [float(opt.step(closure)) for _ in range(steps[1])]
+    final = [local(p).clone() for p in params]
+    dist.barrier()
+
+    opt2 = _tiny_opt(params, seed=999)
+    opt2.load_state_dict(torch.load(path, weights_only=True))
+    with torch.no_grad():
+        for p, s in zip(params, saved):
+            local(p).copy_(s)
+    resumed_losses = [float(opt2.step(closure)) for _ in range(steps[1])]
+    resumed = [local(p).clone() for p in params]
+    return losses, resumed_losses, sizes, final, resumed
+
+
+def _fsdp_body(rank, world, out_dir):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (world,))
+    model = _tiny_model()
+    fully_shard(model[0], mesh=mesh)
+    fully_shard(model[2], mesh=mesh)
+    # the root holds the last layer and keeps FSDP's default (no reshard after forward for the
+    # root): MeZO must reshard it, or the next forward reuses the stale gathered weights
+    fully_shard(model, mesh=mesh)
+    params = list(model.parameters())
+    assert all(hasattr(p, "to_local") for p in params)  # DTensors
+    X, y = _tiny_batch()  # the same batch on every rank: the loss values are then the same
+
+    def closure():
+        return ((model(X).squeeze(1) - y) ** 2).mean()
+
+    losses, resumed_losses, sizes, final, resumed = _run_with_checkpoint(
+        rank, out_dir, model, params, lambda p: p.to_local(), closure)
+    assert resumed_losses == losses[-2:]
+    for a, b in zip(final, resumed):
+        assert torch.equal(a, b)  # checkpoint resumed identically
+    full = [p.full_tensor() for p in params]
+    torch.save({"losses": losses, "sizes": sizes, "full": full,
+                "shards": [tuple(p.to_local().shape) for p in params]},
+               os.path.join(out_dir, f"fsdp{rank}.pt"))
+
+
+def _single_process_reference(steps):
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the ranks
+    try:
+        model = _tiny_model()
+        X, y = _tiny_batch()
+        opt = _tiny_opt(model.parameters(), seed=100)
+        losses = [float(opt.step(lambda: ((model(X).squeeze(1) - y) ** 2).mean())) for _ in range(steps)]
+    finally:
+        torch.set_num_threads(old)
+    return losses, [p.detach() for p in model.parameters()]
+
+
+def test_fsdp2_matches_single_process_bitwise(tmp_path):
+    """MeZO on a model sharded by FSDP2 over 2 gloo ranks takes exactly the steps of one process
+    on the unsharded model: same losses, same float32 weights bit for bit, over 5 steps with 2
+    samples each, uneven and empty shards included. Both ranks evaluate the same batch, so the
+    averaged loss differences equal the single process's (averaging two equal float64 values is
+    exact); with different batches the steps would differ only through those scalars."""
+    pytest.importorskip("torch.distributed.fsdp")
+    spawn(_fsdp_body, 2, tmp_path)
+    out = [torch.load(tmp_path / f"fsdp{r}.pt") for r in range(2)]
+    assert out[0]["shards"][0::2] == [(19, 13), (2, 37), (1, 3)]  # the weights' shards
+    assert out[1]["shards"][0::2] == [(18, 13), (1, 37), (0, 3)]
+    ref_losses, ref_params = _single_process_reference(5)
+    for o in out:
+        assert o["sizes"] == [2, 2]  # one all_reduce of n_samples scalars per step
+        assert o["losses"] == ref_losses
+        for a, b in zip(o["full"], ref_params):
+            assert torch.equal(a, b)
+    assert not torch.equal(ref_params[0], _tiny_model()[0].weight.detach())  # it trained
+
+
+def _ddp_wrapper_body(rank, world, out_dir):
+    model = torch.nn.parallel.DistributedDataParallel(_tiny_model())
+    params = list(model.parameters())
+    X, y = _tiny_batch(slice(8 * rank, 8 * (rank + 1)))  # each rank its own half batch
+
+    def closure():
+        return ((model(X).squeeze(1) - y) ** 2).mean()
+
+    losses, resumed_losses, sizes, final, resumed = _run_with_checkpoint(
+        rank, out_dir, model, params, lambda p: p.detach(), closure)
+    assert resumed_losses == losses[-2:]
+    for a, b in zip(final, resumed):
+        assert torch.equal(a, b)
+    assert sizes == [2, 2]
+    torch.save(final, os.path.join(out_dir, f"ddp{rank}.pt"))
+
+
+def test_ddp_wrapped_model_and_checkpoint(tmp_path):
+    """MeZO on a DistributedDataParallel model (2 gloo ranks, each its own half batch): ranks stay
+    bit-identical, one all_reduce of n_samples scalars per step, and the optimizer state saved by
+    rank 0 and loaded by every rank resumes exactly."""
+    spawn(_ddp_wrapper_body, 2, tmp_path)
+    r0, r1 = torch.load(tmp_path / "ddp0.pt"), torch.load(tmp_path / "ddp1.pt")
+    for a, b in zip(r0, r1):
+        assert torch.equal(a, b)
+    assert not torch.equal(r0[0], _tiny_model()[0].weight.detach())
+
+
+def test_dtensor_sharded_on_dim_1_is_refused(tmp_path):
+    spawn(_dim1_body, 2, tmp_path)
+
+
+def _dim1_body(rank, world, out_dir):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    w = torch.nn.Parameter(distribute_tensor(torch.randn(4, 6), mesh, [Shard(1)]))
+    before = w.to_local().clone()
+    opt = MeZO([w], lr=0.1, seed=0)
+    with pytest.raises(ValueError, match="not a contiguous range"):
+        opt.step(lambda: w.to_local().sum())
+    assert torch.equal(w.to_local(), before)

@@ -32,10 +32,31 @@ inline void check_param(const at::Tensor& p, const char* op, const char* arg, si
               "] must be contiguous (got strides ", p.strides(), ")");
 }
 
+// Element offsets: params[k] holds elements [offsets[k], offsets[k] + numel) of a larger
+// (sharded) tensor; empty means all 0. Kept below 2^62 so offset + numel cannot overflow.
+constexpr int64_t kMaxOffset = int64_t(1) << 62;
+
+inline void check_offsets(at::TensorList params, at::IntArrayRef offsets, const char* op) {
+  FTOPS_CHECK(offsets.empty() || offsets.size() == params.size(), op, ": offsets has ",
+              offsets.size(), " entries but params has ", params.size(),
+              " (give one per tensor, or none for all 0)");
+  for (size_t k = 0; k < offsets.size(); ++k) {
+    FTOPS_CHECK(offsets[k] >= 0 && offsets[k] < kMaxOffset, op, ": offsets[", k, "] = ",
+                offsets[k], " is outside [0, 2^62)");
+  }
+}
+
+inline void check_zo_noise_args(const char* op, int64_t index, int64_t offset) {
+  FTOPS_CHECK(index >= 0 && index <= static_cast<int64_t>(UINT32_MAX), op, ": index = ", index,
+              " is outside [0, 2^32)");
+  FTOPS_CHECK(offset >= 0 && offset < kMaxOffset, op, ": offset = ", offset,
+              " is outside [0, 2^62)");
+}
+
 // params[k] += sum_s coeffs[s * K + k] * z(seeds[s], ids[k]) - decay[k] * params[k]
 inline void check_zo_axpby_args(at::TensorList params, at::IntArrayRef seeds, at::IntArrayRef ids,
                                 at::ArrayRef<double> coeffs, at::ArrayRef<double> decay,
-                                c10::DeviceType device_type) {
+                                at::IntArrayRef offsets, c10::DeviceType device_type) {
   const char* op = "ftops.zo_axpby_";
   const size_t K = params.size();
   FTOPS_CHECK(ids.size() == K, op, ": ids has ", ids.size(), " entries but params has ", K);
@@ -45,6 +66,7 @@ inline void check_zo_axpby_args(at::TensorList params, at::IntArrayRef seeds, at
               ": seeds must have 1 to ", kMaxSeedsPerCall, " entries, got ", seeds.size());
   FTOPS_CHECK(coeffs.size() == seeds.size() * K, op, ": coeffs must have len(seeds) * len(params) = ",
               seeds.size() * K, " entries, got ", coeffs.size());
+  check_offsets(params, offsets, op);
   for (size_t k = 0; k < K; ++k) {
     check_param(params[k], op, "params", k, device_type);
     FTOPS_CHECK(params[k].device() == params[0].device(), op, ": params[", k, "] is on ",
@@ -59,7 +81,7 @@ inline void check_zo_axpby_args(at::TensorList params, at::IntArrayRef seeds, at
 inline void check_zo_undo_axpby_args(at::TensorList params, at::ArrayRef<double> undo_coeffs,
                                      at::IntArrayRef seeds, at::IntArrayRef ids,
                                      at::ArrayRef<double> coeffs, at::ArrayRef<double> decay,
-                                     c10::DeviceType device_type) {
+                                     at::IntArrayRef offsets, c10::DeviceType device_type) {
   const char* op = "ftops.zo_undo_axpby_";
   const size_t K = params.size();
   FTOPS_CHECK(undo_coeffs.size() == K, op, ": undo_coeffs has ", undo_coeffs.size(),
@@ -72,6 +94,7 @@ inline void check_zo_undo_axpby_args(at::TensorList params, at::ArrayRef<double>
   FTOPS_CHECK(coeffs.size() == seeds.size() * K, op,
               ": coeffs must have len(seeds) * len(params) = ", seeds.size() * K,
               " entries, got ", coeffs.size());
+  check_offsets(params, offsets, op);
   for (size_t k = 0; k < K; ++k) {
     check_param(params[k], op, "params", k, device_type);
     FTOPS_CHECK(params[k].device() == params[0].device(), op, ": params[", k, "] is on ",

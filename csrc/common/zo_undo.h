@@ -72,6 +72,14 @@ struct FBits<double> {
   FTOPS_HD static U from_f(double f) { return get(f); }
 };
 
+// c ? x : y on bit patterns (any unsigned type), as mask arithmetic. In the long loops of the
+// undo GCC (12) threads jumps through `?:` selects (the NaN tests especially) and the loops,
+// with branches inside, no longer vectorize; the mask form stays branch-free. Same value.
+template <typename U>
+FTOPS_HD U select_bits(bool c, U x, U y) {
+  return static_cast<U>(y ^ ((x ^ y) & static_cast<U>(U(0) - static_cast<U>(c))));
+}
+
 // Conversions between the half types' bits and float32, branch-free (so that the CPU loops
 // vectorize, which c10's conversions with their NaN branches do not) and bit-identical to
 // c10's (IEEE round to nearest even; exact widening). fp16 ones: the FP16 library's
@@ -82,7 +90,7 @@ FTOPS_HD float bf16_bits_to_float(uint16_t b) { return bits_to_float(static_cast
 FTOPS_HD uint16_t float_to_bf16_bits(float f) {
   const uint32_t u = float_to_bits(f);
   const uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  return (f != f) ? uint16_t(0x7fc0u) : static_cast<uint16_t>(r);
+  return static_cast<uint16_t>(select_bits<uint32_t>(f != f, 0x7fc0u, r));
 }
 
 FTOPS_HD float half_bits_to_float(uint16_t h) {
@@ -91,7 +99,8 @@ FTOPS_HD float half_bits_to_float(uint16_t h) {
   const uint32_t two_w = w + w;
   const float normalized = bits_to_float((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
   const float denormalized = bits_to_float((two_w >> 17) | (126u << 23)) - 0.5f;
-  const uint32_t mag = two_w < (1u << 27) ? float_to_bits(denormalized) : float_to_bits(normalized);
+  const uint32_t mag = select_bits<uint32_t>(two_w < (1u << 27), float_to_bits(denormalized),
+                                             float_to_bits(normalized));
   return bits_to_float(sign | mag);
 }
 
@@ -101,11 +110,12 @@ FTOPS_HD uint16_t float_to_half_bits(float f) {
   const uint32_t shl1_w = w + w;
   const uint32_t sign = w & 0x80000000u;
   uint32_t bias = shl1_w & 0xFF000000u;
-  bias = bias < 0x71000000u ? 0x71000000u : bias;
+  bias = select_bits<uint32_t>(bias < 0x71000000u, 0x71000000u, bias);
   base = bits_to_float((bias >> 1) + 0x07800000u) + base;
   const uint32_t bits = float_to_bits(base);
   const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
-  return static_cast<uint16_t>((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+  return static_cast<uint16_t>((sign >> 16) |
+                               select_bits<uint32_t>(shl1_w > 0xFF000000u, 0x7E00u, nonsign));
 }
 
 template <>
@@ -172,7 +182,7 @@ FTOPS_HD typename FBits<scalar_t>::U round_up_ties_bits(acc_t v, acc_t t) {
     const acc_t w = sf + (e + e);  // exact: both are multiples of e's ulp, and small
     const auto wb = B::from_f(w);
     const bool tie = (e > acc_t(0)) & (B::to_f(wb) == w);
-    return tie ? wb : sb;
+    return select_bits<typename B::U>(tie, wb, sb);
   }
 }
 
@@ -233,7 +243,7 @@ FTOPS_HD typename FBits<scalar_t>::U undo_prefer_simpler(typename FBits<scalar_t
   const U nb = step_bits<scalar_t>(base, up ? 1 : -1);
   const bool n_ok = round_up_ties_bits<scalar_t, acc_t>(B::to_f(nb), a) == pb;
   const bool take = n_ok & (!base_ok | (simplicity<scalar_t>(nb) > simplicity<scalar_t>(base)));
-  return take ? nb : base;
+  return select_bits<U>(take, nb, base);
 }
 
 // Recovers t from p = round_up_ties(t + a) (see the top of this file); returns the bits.
@@ -252,7 +262,7 @@ FTOPS_HD typename FBits<scalar_t>::U zo_undo_bits(typename FBits<scalar_t>::U pb
   const bool c_ok =
       round_up_ties_bits<scalar_t, acc_t>(B::to_f(cb), a) == pb;
   const bool zero_ok = round_up_ties_of_zero_bits<scalar_t, acc_t>(a) == pb;
-  const U base = zero_ok ? U(0) : ((!q_ok & c_ok) ? cb : qb);
+  const U base = select_bits<U>(zero_ok, U(0), select_bits<U>(!q_ok & c_ok, cb, qb));
   return undo_prefer_simpler<scalar_t, acc_t>(base, zero_ok | q_ok | c_ok, r,
                                               sub_err<acc_t>(pv, a, r), a, pb);
 }
@@ -271,7 +281,7 @@ FTOPS_HD typename FBits<scalar_t>::U zo_undo_bits_fast(typename FBits<scalar_t>:
   const bool q_ok = round_up_ties_bits<scalar_t, acc_t>(B::to_f(qb), a) == pb;
   const bool zero_ok = round_up_ties_of_zero_bits<scalar_t, acc_t>(a) == pb;
   miss = !q_ok & !zero_ok;
-  return undo_prefer_simpler<scalar_t, acc_t>(zero_ok ? U(0) : qb, true, r,
+  return undo_prefer_simpler<scalar_t, acc_t>(select_bits<U>(zero_ok, U(0), qb), true, r,
                                               sub_err<acc_t>(pv, a, r), a, pb);
 }
 

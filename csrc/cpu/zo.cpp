@@ -1,9 +1,11 @@
 // CPU kernels of the zeroth-order ops: in-place multi-tensor perturbation/update with
 // counter-based noise, and the noise itself (for tests and ftops.mezo.noise_like).
 //
-// Noise is produced in blocks of 64 elements aligned to multiples of 64 of each tensor's own
-// element index, and every block (a tensor's tail too) runs the same instruction sequence, so
-// the value for an element never depends on threads or chunking. The block loops are written
+// Noise is produced in blocks of 64 elements aligned to multiples of 64 of each element's
+// global index (its index in the tensor plus the tensor's element offset, see Span); every block
+// (a tensor's head and tail too) generates all 64 values with the same instruction sequence, and
+// the element updates are IEEE ops without contraction, so the value for an element never
+// depends on threads, chunking or where a shard starts. The block loops are written
 // for the auto-vectorizer (fixed trip counts, no branches); target_clones compiles them for
 // AVX-512, AVX2 and baseline x86-64 and picks one at load time. This file is compiled with
 // -ffp-contract=off so all clones (and the CUDA kernel) round identically.
@@ -21,7 +23,9 @@
 #include "../common/zo_undo.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FTOPS_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+// x86-64-v4 (AVX-512 F/BW/DQ/VL), not plain avx512f: the half-type loops mix 16- and 32-bit
+// lanes, and without AVX512BW GCC only vectorizes them 256 bits wide.
+#define FTOPS_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
 #else
 #define FTOPS_CLONES
 #endif
@@ -61,24 +65,40 @@ inline __attribute__((always_inline)) void block_words(const NoiseKey& key, int6
   }
 }
 
-// Float noise for blocks [b0, b1) of one tensor into dst (dst[0] is element 64*b0).
-FTOPS_CLONES void fill_normals(NoiseKey key, int64_t b0, int64_t b1, int64_t numel, float* dst) {
+// A tensor of `numel` elements holding elements [offset, offset + numel) of a (possibly larger,
+// e.g. sharded) tensor: its noise blocks are the global blocks [first, first + count), aligned
+// to multiples of 64 of the global element index, so a shard at any offset gets exactly the
+// noise (and the rounding) of the same elements of the whole tensor.
+struct Span {
+  int64_t offset, numel;
+  int64_t first_block() const { return offset / kBlock; }
+  int64_t blocks() const {
+    return numel == 0 ? 0 : (offset + numel + kBlock - 1) / kBlock - first_block();
+  }
+  // The elements of global block b that this tensor holds: block positions [lo, hi); position
+  // j is local element b * 64 + j - offset.
+  int64_t lo(int64_t b) const { return std::max<int64_t>(0, offset - b * kBlock); }
+  int64_t hi(int64_t b) const { return std::min<int64_t>(kBlock, offset + numel - b * kBlock); }
+  int64_t local(int64_t b, int64_t j) const { return b * kBlock + j - offset; }
+};
+
+// Float noise for global blocks [b0, b1) of a span into out (out[0] is local element 0).
+FTOPS_CLONES void fill_normals(NoiseKey key, Span sp, int64_t b0, int64_t b1, float* out) {
   alignas(64) float z[kBlock];
   for (int64_t b = b0; b < b1; ++b) {
     block_normals(key, b, z);
-    const int64_t start = b * kBlock;
-    const int64_t n = std::min<int64_t>(kBlock, numel - start);
-    std::copy(z, z + n, dst + (start - b0 * kBlock));
+    const int64_t lo = sp.lo(b), hi = sp.hi(b);
+    std::copy(z + lo, z + hi, out + sp.local(b, lo));
   }
 }
 
-FTOPS_CLONES void fill_words(NoiseKey key, int64_t b0, int64_t b1, int64_t numel, int64_t* dst) {
+FTOPS_CLONES void fill_words(NoiseKey key, Span sp, int64_t b0, int64_t b1, int64_t* out) {
   alignas(64) uint32_t w[kBlock];
   for (int64_t b = b0; b < b1; ++b) {
     block_words(key, b, w);
-    const int64_t start = b * kBlock;
-    const int64_t n = std::min<int64_t>(kBlock, numel - start);
-    for (int64_t j = 0; j < n; ++j) dst[start - b0 * kBlock + j] = w[j];
+    const int64_t lo = sp.lo(b), hi = sp.hi(b);
+    int64_t* dst = out + sp.local(b, lo);
+    for (int64_t j = 0; j < hi - lo; ++j) dst[j] = w[lo + j];
   }
 }
 
@@ -96,20 +116,23 @@ inline __attribute__((always_inline)) void block_noise_sum(const NoiseKey* keys,
   }
 }
 
-// p = p + (sum_s c_s z_s - d p), computed in acc_t (float32 for half types), rounded once.
+// p = p + (sum_s c_s z_s - d p), computed in acc_t (float32 for half types), rounded once,
+// on global blocks [b0, b1) of the span.
 template <typename scalar_t, typename acc_t>
-FTOPS_CLONES void axpby_blocks(scalar_t* p, int64_t numel, const NoiseKey* keys,
-                               const acc_t* coeffs, int64_t n_seeds, acc_t d, int64_t b0,
-                               int64_t b1) {
-  alignas(64) acc_t acc[kBlock];
+FTOPS_CLONES void axpby_blocks(scalar_t* p, Span sp, const NoiseKey* keys, const acc_t* coeffs,
+                               int64_t n_seeds, acc_t d, int64_t b0, int64_t b1) {
+  alignas(64) acc_t acc_block[kBlock];
   for (int64_t b = b0; b < b1; ++b) {
-    block_noise_sum<acc_t>(keys, coeffs, n_seeds, b, acc);
-    const int64_t start = b * kBlock;
-    const int64_t n = std::min<int64_t>(kBlock, numel - start);
-    scalar_t* q = p + start;
+    block_noise_sum<acc_t>(keys, coeffs, n_seeds, b, acc_block);
+    const int64_t lo = sp.lo(b), n = sp.hi(b) - lo;
+    const acc_t* acc = acc_block + lo;
+    // on the bit patterns, with the branch-free conversions of zo_undo.h (c10's Half
+    // conversions do not vectorize); the same values as static_cast
+    using B = FBits<scalar_t>;
+    auto* q = reinterpret_cast<typename B::U*>(p + sp.local(b, lo));
     for (int64_t j = 0; j < n; ++j) {
-      const acc_t v = static_cast<acc_t>(q[j]);
-      q[j] = static_cast<scalar_t>(v + (acc[j] - d * v));
+      const acc_t v = B::to_f(q[j]);
+      q[j] = B::from_f(v + (acc[j] - d * v));
     }
   }
 }
@@ -118,21 +141,21 @@ FTOPS_CLONES void axpby_blocks(scalar_t* p, int64_t numel, const NoiseKey* keys,
 // rounded with ties up; csrc/common/zo_undo.h), then p = round(t + (sum_s c_s z_s - d t)).
 // The undo noise is generated once per block and reused for apply seed number `shared`.
 template <typename scalar_t, typename acc_t, bool kInvertible, bool kUndo>
-FTOPS_CLONES void undo_axpby_blocks(scalar_t* p, int64_t numel, NoiseKey ukey, acc_t u,
+FTOPS_CLONES void undo_axpby_blocks(scalar_t* p, Span sp, NoiseKey ukey, acc_t u,
                                     const NoiseKey* keys, const acc_t* coeffs, int64_t n_seeds,
                                     int64_t shared, acc_t d, int64_t b0, int64_t b1) {
   using U = typename FBits<scalar_t>::U;
   alignas(64) float zu[kBlock];
   alignas(64) float z[kBlock];
-  alignas(64) acc_t a[kBlock];
-  alignas(64) acc_t acc[kBlock];
+  alignas(64) acc_t a_block[kBlock];
+  alignas(64) acc_t acc_block[kBlock];
   alignas(64) U bits[kBlock];
   for (int64_t b = b0; b < b1; ++b) {
     if (kUndo || shared >= 0) block_normals(ukey, b, zu);
     if constexpr (kUndo) {
-      for (int64_t j = 0; j < kBlock; ++j) a[j] = undo_offset<acc_t>(u, zu[j]);
+      for (int64_t j = 0; j < kBlock; ++j) a_block[j] = undo_offset<acc_t>(u, zu[j]);
     }
-    for (int64_t j = 0; j < kBlock; ++j) acc[j] = acc_t(0);
+    for (int64_t j = 0; j < kBlock; ++j) acc_block[j] = acc_t(0);
     for (int64_t s = 0; s < n_seeds; ++s) {
       const float* zs = zu;
       if (s != shared) {
@@ -140,12 +163,14 @@ FTOPS_CLONES void undo_axpby_blocks(scalar_t* p, int64_t numel, NoiseKey ukey, a
         zs = z;
       }
       const acc_t c = coeffs[s];
-      for (int64_t j = 0; j < kBlock; ++j) acc[j] = acc[j] + c * static_cast<acc_t>(zs[j]);
+      for (int64_t j = 0; j < kBlock; ++j)
+        acc_block[j] = acc_block[j] + c * static_cast<acc_t>(zs[j]);
     }
-    const int64_t start = b * kBlock;
-    const int64_t n = std::min<int64_t>(kBlock, numel - start);
+    const int64_t lo = sp.lo(b), n = sp.hi(b) - lo;
+    const acc_t* a = a_block + lo;
+    const acc_t* acc = acc_block + lo;
     // Work on the bit patterns (a load of c10::Half/BFloat16 as a struct does not vectorize).
-    U* q = reinterpret_cast<U*>(p + start);
+    U* q = reinterpret_cast<U*>(p + sp.local(b, lo));
     // Fast path (q or 0 is a preimage) for the whole block, branch-free; the full candidate
     // search only for the rare block where some element needs it. Same result either way.
     int miss_any = 0;
@@ -167,7 +192,19 @@ FTOPS_CLONES void undo_axpby_blocks(scalar_t* p, int64_t numel, NoiseKey ukey, a
   }
 }
 
-int64_t num_blocks(int64_t numel) { return (numel + kBlock - 1) / kBlock; }
+// The spans of a tensor list: element offsets[k] (none given: 0) and numel of each tensor.
+std::vector<Span> spans_of(at::TensorList params, at::IntArrayRef offsets) {
+  std::vector<Span> spans(params.size());
+  for (size_t k = 0; k < params.size(); ++k)
+    spans[k] = Span{offsets.empty() ? 0 : offsets[k], params[k].numel()};
+  return spans;
+}
+
+std::vector<int64_t> blocks_of(const std::vector<Span>& spans) {
+  std::vector<int64_t> blocks(spans.size());
+  for (size_t k = 0; k < spans.size(); ++k) blocks[k] = spans[k].blocks();
+  return blocks;
+}
 
 template <typename acc_t>
 const acc_t* pick(const std::vector<float>& f, const std::vector<double>& d) {
@@ -180,8 +217,9 @@ const acc_t* pick(const std::vector<float>& f, const std::vector<double>& d) {
 
 void zo_undo_axpby_cpu(at::TensorList params, int64_t undo_seed, at::ArrayRef<double> undo_coeffs,
                        at::IntArrayRef seeds, at::IntArrayRef ids, at::ArrayRef<double> coeffs,
-                       at::ArrayRef<double> decay, bool invertible) {
-  check_zo_undo_axpby_args(params, undo_coeffs, seeds, ids, coeffs, decay, c10::DeviceType::CPU);
+                       at::ArrayRef<double> decay, bool invertible, at::IntArrayRef offsets) {
+  check_zo_undo_axpby_args(params, undo_coeffs, seeds, ids, coeffs, decay, offsets,
+                           c10::DeviceType::CPU);
   const int64_t K = static_cast<int64_t>(params.size());
   const int64_t S = static_cast<int64_t>(seeds.size());
   if (K == 0) return;
@@ -189,8 +227,7 @@ void zo_undo_axpby_cpu(at::TensorList params, int64_t undo_seed, at::ArrayRef<do
   for (int64_t s = 0; s < S && shared < 0; ++s)
     if (seeds[s] == undo_seed) shared = s;
 
-  std::vector<int64_t> blocks(K);
-  for (int64_t k = 0; k < K; ++k) blocks[k] = num_blocks(params[k].numel());
+  const std::vector<Span> spans = spans_of(params, offsets);
   std::vector<NoiseKey> keys(std::max<int64_t>(S * K, 1));
   std::vector<NoiseKey> ukeys(K);
   for (int64_t k = 0; k < K; ++k) {
@@ -206,8 +243,10 @@ void zo_undo_axpby_cpu(at::TensorList params, int64_t undo_seed, at::ArrayRef<do
       coeffs_f[k * S + s] = static_cast<float>(coeffs[s * K + k]);
     }
 
-  parallel_over_tensor_units(blocks, /*grain_size=*/32, [&](int64_t k, int64_t lb0, int64_t lb1) {
+  parallel_over_tensor_units(blocks_of(spans), /*grain_size=*/32, [&](int64_t k, int64_t lb0, int64_t lb1) {
       const at::Tensor& p = params[k];
+      const Span sp = spans[k];
+      const int64_t b0 = sp.first_block() + lb0, b1 = sp.first_block() + lb1;
       FTOPS_DISPATCH_FLOAT_TYPES(p.scalar_type(), "zo_undo_axpby_cpu", [&] {
         using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
         const acc_t* cs = pick<acc_t>(coeffs_f, coeffs_d) + k * S;
@@ -216,32 +255,32 @@ void zo_undo_axpby_cpu(at::TensorList params, int64_t undo_seed, at::ArrayRef<do
         scalar_t* ptr = p.data_ptr<scalar_t>();
         const NoiseKey* ks = keys.data() + k * S;
         if (invertible && u != acc_t(0)) {
-          undo_axpby_blocks<scalar_t, acc_t, true, true>(ptr, p.numel(), ukeys[k], u, ks, cs, S,
-                                                         shared, d, lb0, lb1);
+          undo_axpby_blocks<scalar_t, acc_t, true, true>(ptr, sp, ukeys[k], u, ks, cs, S, shared,
+                                                         d, b0, b1);
         } else if (invertible) {
-          undo_axpby_blocks<scalar_t, acc_t, true, false>(ptr, p.numel(), ukeys[k], u, ks, cs, S,
-                                                          shared, d, lb0, lb1);
+          undo_axpby_blocks<scalar_t, acc_t, true, false>(ptr, sp, ukeys[k], u, ks, cs, S, shared,
+                                                          d, b0, b1);
         } else if (u != acc_t(0)) {
-          undo_axpby_blocks<scalar_t, acc_t, false, true>(ptr, p.numel(), ukeys[k], u, ks, cs, S,
-                                                          shared, d, lb0, lb1);
+          undo_axpby_blocks<scalar_t, acc_t, false, true>(ptr, sp, ukeys[k], u, ks, cs, S, shared,
+                                                          d, b0, b1);
         } else {
-          undo_axpby_blocks<scalar_t, acc_t, false, false>(ptr, p.numel(), ukeys[k], u, ks, cs, S,
-                                                           shared, d, lb0, lb1);
+          undo_axpby_blocks<scalar_t, acc_t, false, false>(ptr, sp, ukeys[k], u, ks, cs, S,
+                                                           shared, d, b0, b1);
         }
       });
   });
 }
 
 void zo_axpby_cpu(at::TensorList params, at::IntArrayRef seeds, at::IntArrayRef ids,
-                  at::ArrayRef<double> coeffs, at::ArrayRef<double> decay) {
-  check_zo_axpby_args(params, seeds, ids, coeffs, decay, c10::DeviceType::CPU);
+                  at::ArrayRef<double> coeffs, at::ArrayRef<double> decay,
+                  at::IntArrayRef offsets) {
+  check_zo_axpby_args(params, seeds, ids, coeffs, decay, offsets, c10::DeviceType::CPU);
   const int64_t K = static_cast<int64_t>(params.size());
   const int64_t S = static_cast<int64_t>(seeds.size());
   if (K == 0) return;
 
   // One parallel loop over the blocks of all tensors (the CPU's multi-tensor launch).
-  std::vector<int64_t> blocks(K);
-  for (int64_t k = 0; k < K; ++k) blocks[k] = num_blocks(params[k].numel());
+  const std::vector<Span> spans = spans_of(params, offsets);
   std::vector<NoiseKey> keys(S * K);
   for (int64_t s = 0; s < S; ++s)
     for (int64_t k = 0; k < K; ++k)
@@ -254,44 +293,43 @@ void zo_axpby_cpu(at::TensorList params, at::IntArrayRef seeds, at::IntArrayRef 
       coeffs_f[k * S + s] = static_cast<float>(coeffs[s * K + k]);
     }
 
-  parallel_over_tensor_units(blocks, /*grain_size=*/32, [&](int64_t k, int64_t lb0, int64_t lb1) {
+  parallel_over_tensor_units(blocks_of(spans), /*grain_size=*/32, [&](int64_t k, int64_t lb0, int64_t lb1) {
       const at::Tensor& p = params[k];
+      const Span sp = spans[k];
+      const int64_t b0 = sp.first_block() + lb0, b1 = sp.first_block() + lb1;
       FTOPS_DISPATCH_FLOAT_TYPES(p.scalar_type(), "zo_axpby_cpu", [&] {
         if constexpr (std::is_same_v<scalar_t, double>) {
-          axpby_blocks<double, double>(p.data_ptr<double>(), p.numel(), &keys[k * S],
-                                       &coeffs_d[k * S], S, decay[k], lb0, lb1);
+          axpby_blocks<double, double>(p.data_ptr<double>(), sp, &keys[k * S], &coeffs_d[k * S],
+                                       S, decay[k], b0, b1);
         } else {
-          axpby_blocks<scalar_t, float>(p.data_ptr<scalar_t>(), p.numel(), &keys[k * S],
-                                        &coeffs_f[k * S], S, static_cast<float>(decay[k]), lb0,
-                                        lb1);
+          axpby_blocks<scalar_t, float>(p.data_ptr<scalar_t>(), sp, &keys[k * S],
+                                        &coeffs_f[k * S], S, static_cast<float>(decay[k]), b0, b1);
         }
       });
   });
 }
 
-at::Tensor zo_noise_cpu(const at::Tensor& like, int64_t seed, int64_t index) {
-  FTOPS_CHECK(index >= 0 && index <= static_cast<int64_t>(UINT32_MAX),
-              "ftops.zo_noise: index = ", index, " is outside [0, 2^32)");
+at::Tensor zo_noise_cpu(const at::Tensor& like, int64_t seed, int64_t index, int64_t offset) {
+  check_zo_noise_args("ftops.zo_noise", index, offset);
   at::Tensor out = at::empty(like.sizes(), like.options().dtype(at::kFloat).layout(at::kStrided)
                                                .memory_format(at::MemoryFormat::Contiguous));
   const NoiseKey key = make_noise_key(static_cast<uint64_t>(seed), static_cast<uint64_t>(index));
-  const int64_t numel = out.numel();
+  const Span sp{offset, out.numel()};
   float* dst = out.data_ptr<float>();
-  at::parallel_for(0, num_blocks(numel), 32, [&](int64_t b0, int64_t b1) {
-    fill_normals(key, b0, b1, numel, dst + b0 * kBlock);
+  at::parallel_for(0, sp.blocks(), 32, [&](int64_t lb0, int64_t lb1) {
+    fill_normals(key, sp, sp.first_block() + lb0, sp.first_block() + lb1, dst);
   });
   return out;
 }
 
-at::Tensor zo_noise_bits_cpu(const at::Tensor& like, int64_t seed, int64_t index) {
-  FTOPS_CHECK(index >= 0 && index <= static_cast<int64_t>(UINT32_MAX),
-              "ftops.zo_noise_bits: index = ", index, " is outside [0, 2^32)");
+at::Tensor zo_noise_bits_cpu(const at::Tensor& like, int64_t seed, int64_t index, int64_t offset) {
+  check_zo_noise_args("ftops.zo_noise_bits", index, offset);
   at::Tensor out = at::empty({like.numel()}, like.options().dtype(at::kLong).layout(at::kStrided));
   const NoiseKey key = make_noise_key(static_cast<uint64_t>(seed), static_cast<uint64_t>(index));
-  const int64_t numel = out.numel();
+  const Span sp{offset, out.numel()};
   int64_t* dst = out.data_ptr<int64_t>();
-  at::parallel_for(0, num_blocks(numel), 32, [&](int64_t b0, int64_t b1) {
-    fill_words(key, b0, b1, numel, dst + b0 * kBlock);
+  at::parallel_for(0, sp.blocks(), 32, [&](int64_t lb0, int64_t lb1) {
+    fill_words(key, sp, sp.first_block() + lb0, sp.first_block() + lb1, dst);
   });
   return out;
 }

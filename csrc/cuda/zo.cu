@@ -4,6 +4,9 @@
 // Multi-tensor launch: the tensors of one dtype are packed, up to kMaxTensors at a time, into a
 // by-value argument struct; one grid-stride kernel walks the Philox groups (4 elements each) of
 // all of them. A model with hundreds of parameters costs a handful of launches, not hundreds.
+// A tensor with element offset o (a shard of a larger tensor) covers the global groups
+// floor(o / 4) .. ceil((o + numel) / 4); a group straddling its start or end updates only the
+// elements the tensor holds.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -28,6 +31,7 @@ constexpr int kMaxTensors = 24;
 struct ZoLaunch {
   void* ptr[kMaxTensors];
   int64_t numel[kMaxTensors];
+  int64_t offset[kMaxTensors];  // element offset of the tensor in the global one
   int64_t first_group[kMaxTensors + 1];
   uint32_t id[kMaxTensors];
   double decay[kMaxTensors];
@@ -42,40 +46,66 @@ struct alignas(4 * sizeof(T)) Vec4 {
   T v[4];
 };
 
+// Philox groups of a tensor of `numel` elements at element offset `offset` (0 if empty).
+FTOPS_HD int64_t span_groups(int64_t offset, int64_t numel) {
+  return numel == 0 ? 0 : (offset + numel + 3) / 4 - offset / 4;
+}
+
+// Work item g of a launch: tensor k, its global Philox group, and the local index of the
+// group's first element (negative when the group starts before the tensor).
+struct GroupAt {
+  int k;
+  int64_t group, first;
+};
+
+__device__ __forceinline__ GroupAt group_at(const ZoLaunch& args, int64_t g) {
+  int k = 0;
+  while (args.first_group[k + 1] <= g) ++k;
+  const int64_t group = args.offset[k] / 4 + (g - args.first_group[k]);
+  return GroupAt{k, group, 4 * group - args.offset[k]};
+}
+
+// Applies f(j, value) -> new value to the elements of group `at` that the tensor holds: one
+// 4-wide load/store when the whole group is there and aligned, element by element otherwise.
+template <typename scalar_t, typename F>
+__device__ __forceinline__ void update_group(const ZoLaunch& args, const GroupAt& at, F f) {
+  scalar_t* p = static_cast<scalar_t*>(args.ptr[at.k]);
+  const int64_t numel = args.numel[at.k];
+  if (at.first >= 0 && at.first + 4 <= numel &&
+      reinterpret_cast<uintptr_t>(p + at.first) % sizeof(Vec4<scalar_t>) == 0) {
+    Vec4<scalar_t> x = *reinterpret_cast<const Vec4<scalar_t>*>(p + at.first);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) x.v[j] = f(j, x.v[j]);
+    *reinterpret_cast<Vec4<scalar_t>*>(p + at.first) = x;
+  } else {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t i = at.first + j;
+      if (i >= 0 && i < numel) p[i] = f(j, p[i]);
+    }
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 __global__ void zo_axpby_kernel(const ZoLaunch args) {
   const int64_t total = args.first_group[args.n_tensors];
   for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < total;
        g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    int k = 0;
-    while (args.first_group[k + 1] <= g) ++k;
-    const int64_t lg = g - args.first_group[k];
+    const GroupAt at = group_at(args, g);
     acc_t acc[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
     for (int s = 0; s < args.n_seeds; ++s) {
-      const NoiseKey key = make_noise_key(args.seed[s], args.id[k]);
+      const NoiseKey key = make_noise_key(args.seed[s], args.id[at.k]);
       float z[4];
-      noise_normals(key, static_cast<uint64_t>(lg), z[0], z[1], z[2], z[3]);
-      const acc_t c = static_cast<acc_t>(args.coeff[s][k]);
+      noise_normals(key, static_cast<uint64_t>(at.group), z[0], z[1], z[2], z[3]);
+      const acc_t c = static_cast<acc_t>(args.coeff[s][at.k]);
 #pragma unroll
       for (int j = 0; j < 4; ++j) acc[j] = acc[j] + c * static_cast<acc_t>(z[j]);
     }
-    const acc_t d = static_cast<acc_t>(args.decay[k]);
-    scalar_t* p = static_cast<scalar_t*>(args.ptr[k]) + 4 * lg;
-    const int64_t n = args.numel[k] - 4 * lg;
-    if (n >= 4 && reinterpret_cast<uintptr_t>(p) % sizeof(Vec4<scalar_t>) == 0) {
-      Vec4<scalar_t> x = *reinterpret_cast<const Vec4<scalar_t>*>(p);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const acc_t v = static_cast<acc_t>(x.v[j]);
-        x.v[j] = static_cast<scalar_t>(v + (acc[j] - d * v));
-      }
-      *reinterpret_cast<Vec4<scalar_t>*>(p) = x;
-    } else {
-      for (int j = 0; j < 4 && j < n; ++j) {
-        const acc_t v = static_cast<acc_t>(p[j]);
-        p[j] = static_cast<scalar_t>(v + (acc[j] - d * v));
-      }
-    }
+    const acc_t d = static_cast<acc_t>(args.decay[at.k]);
+    update_group<scalar_t>(args, at, [&](int j, scalar_t x) {
+      const acc_t v = static_cast<acc_t>(x);
+      return static_cast<scalar_t>(v + (acc[j] - d * v));
+    });
   }
 }
 
@@ -93,48 +123,32 @@ __global__ void zo_undo_axpby_kernel(const ZoUndoLaunch args) {
   const int64_t total = b.first_group[b.n_tensors];
   for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < total;
        g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    int k = 0;
-    while (b.first_group[k + 1] <= g) ++k;
-    const int64_t lg = g - b.first_group[k];
-    const acc_t u = static_cast<acc_t>(args.undo_coeff[k]);
+    const GroupAt at = group_at(b, g);
+    const acc_t u = static_cast<acc_t>(args.undo_coeff[at.k]);
     const bool undo = u != acc_t(0);  // undo coefficient 0: nothing to undo
     float zu[4] = {0.f, 0.f, 0.f, 0.f};
     if (undo || args.shared >= 0) {
-      noise_normals(make_noise_key(args.undo_seed, b.id[k]), static_cast<uint64_t>(lg), zu[0],
-                    zu[1], zu[2], zu[3]);
+      noise_normals(make_noise_key(args.undo_seed, b.id[at.k]), static_cast<uint64_t>(at.group),
+                    zu[0], zu[1], zu[2], zu[3]);
     }
     acc_t acc[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
     for (int s = 0; s < b.n_seeds; ++s) {
       float z[4] = {zu[0], zu[1], zu[2], zu[3]};
       if (s != args.shared) {
-        noise_normals(make_noise_key(b.seed[s], b.id[k]), static_cast<uint64_t>(lg), z[0], z[1],
-                      z[2], z[3]);
+        noise_normals(make_noise_key(b.seed[s], b.id[at.k]), static_cast<uint64_t>(at.group),
+                      z[0], z[1], z[2], z[3]);
       }
-      const acc_t c = static_cast<acc_t>(b.coeff[s][k]);
+      const acc_t c = static_cast<acc_t>(b.coeff[s][at.k]);
 #pragma unroll
       for (int j = 0; j < 4; ++j) acc[j] = acc[j] + c * static_cast<acc_t>(z[j]);
     }
-    const acc_t d = static_cast<acc_t>(b.decay[k]);
-    scalar_t* p = static_cast<scalar_t*>(b.ptr[k]) + 4 * lg;
-    const int64_t n = b.numel[k] - 4 * lg;
-    if (n >= 4 && reinterpret_cast<uintptr_t>(p) % sizeof(Vec4<scalar_t>) == 0) {
-      Vec4<scalar_t> x = *reinterpret_cast<const Vec4<scalar_t>*>(p);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const auto pb = FBits<scalar_t>::get(x.v[j]);
-        const auto tb = undo ? zo_undo_bits<scalar_t, acc_t>(pb, undo_offset<acc_t>(u, zu[j])) : pb;
-        x.v[j] = FBits<scalar_t>::make(
-            zo_apply_bits<scalar_t, acc_t, kInvertible>(FBits<scalar_t>::to_f(tb), acc[j], d));
-      }
-      *reinterpret_cast<Vec4<scalar_t>*>(p) = x;
-    } else {
-      for (int j = 0; j < 4 && j < n; ++j) {
-        const auto pb = FBits<scalar_t>::get(p[j]);
-        const auto tb = undo ? zo_undo_bits<scalar_t, acc_t>(pb, undo_offset<acc_t>(u, zu[j])) : pb;
-        p[j] = FBits<scalar_t>::make(
-            zo_apply_bits<scalar_t, acc_t, kInvertible>(FBits<scalar_t>::to_f(tb), acc[j], d));
-      }
-    }
+    const acc_t d = static_cast<acc_t>(b.decay[at.k]);
+    update_group<scalar_t>(b, at, [&](int j, scalar_t x) {
+      const auto pb = FBits<scalar_t>::get(x);
+      const auto tb = undo ? zo_undo_bits<scalar_t, acc_t>(pb, undo_offset<acc_t>(u, zu[j])) : pb;
+      return FBits<scalar_t>::make(
+          zo_apply_bits<scalar_t, acc_t, kInvertible>(FBits<scalar_t>::to_f(tb), acc[j], d));
+    });
   }
 }
 
@@ -148,8 +162,9 @@ void launch_axpby(const ZoLaunch& args) {
 }
 
 void zo_axpby_cuda(at::TensorList params, at::IntArrayRef seeds, at::IntArrayRef ids,
-                   at::ArrayRef<double> coeffs, at::ArrayRef<double> decay) {
-  check_zo_axpby_args(params, seeds, ids, coeffs, decay, c10::DeviceType::CUDA);
+                   at::ArrayRef<double> coeffs, at::ArrayRef<double> decay,
+                   at::IntArrayRef offsets) {
+  check_zo_axpby_args(params, seeds, ids, coeffs, decay, offsets, c10::DeviceType::CUDA);
   const int64_t K = static_cast<int64_t>(params.size());
   if (K == 0) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
@@ -171,7 +186,8 @@ void zo_axpby_cuda(at::TensorList params, at::IntArrayRef seeds, at::IntArrayRef
         const int64_t k = members[start + j];
         args.ptr[j] = params[k].data_ptr();
         args.numel[j] = params[k].numel();
-        args.first_group[j + 1] = args.first_group[j] + (params[k].numel() + 3) / 4;
+        args.offset[j] = offsets.empty() ? 0 : offsets[k];
+        args.first_group[j + 1] = args.first_group[j] + span_groups(args.offset[j], args.numel[j]);
         args.id[j] = static_cast<uint32_t>(ids[k]);
         args.decay[j] = decay[k];
         for (size_t s = 0; s < seeds.size(); ++s) args.coeff[s][j] = coeffs[s * K + k];
@@ -202,8 +218,9 @@ void launch_undo_axpby(const ZoUndoLaunch& args, bool invertible) {
 
 void zo_undo_axpby_cuda(at::TensorList params, int64_t undo_seed, at::ArrayRef<double> undo_coeffs,
                         at::IntArrayRef seeds, at::IntArrayRef ids, at::ArrayRef<double> coeffs,
-                        at::ArrayRef<double> decay, bool invertible) {
-  check_zo_undo_axpby_args(params, undo_coeffs, seeds, ids, coeffs, decay, c10::DeviceType::CUDA);
+                        at::ArrayRef<double> decay, bool invertible, at::IntArrayRef offsets) {
+  check_zo_undo_axpby_args(params, undo_coeffs, seeds, ids, coeffs, decay, offsets,
+                           c10::DeviceType::CUDA);
   const int64_t K = static_cast<int64_t>(params.size());
   if (K == 0) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
@@ -230,7 +247,8 @@ void zo_undo_axpby_cuda(at::TensorList params, int64_t undo_seed, at::ArrayRef<d
         const int64_t k = members[start + j];
         b.ptr[j] = params[k].data_ptr();
         b.numel[j] = params[k].numel();
-        b.first_group[j + 1] = b.first_group[j] + (params[k].numel() + 3) / 4;
+        b.offset[j] = offsets.empty() ? 0 : offsets[k];
+        b.first_group[j + 1] = b.first_group[j] + span_groups(b.offset[j], b.numel[j]);
         b.id[j] = static_cast<uint32_t>(ids[k]);
         b.decay[j] = decay[k];
         args.undo_coeff[j] = undo_coeffs[k];
@@ -247,52 +265,55 @@ void zo_undo_axpby_cuda(at::TensorList params, int64_t undo_seed, at::ArrayRef<d
   }
 }
 
-__global__ void zo_noise_kernel(NoiseKey key, int64_t numel, float* out) {
-  const int64_t groups = (numel + 3) / 4;
+// Noise of elements [offset, offset + numel) into out[0, numel).
+__global__ void zo_noise_kernel(NoiseKey key, int64_t offset, int64_t numel, float* out) {
+  const int64_t groups = span_groups(offset, numel);
   for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < groups;
        g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t group = offset / 4 + g, first = 4 * group - offset;
     float z[4];
-    noise_normals(key, static_cast<uint64_t>(g), z[0], z[1], z[2], z[3]);
-    for (int j = 0; j < 4 && 4 * g + j < numel; ++j) out[4 * g + j] = z[j];
+    noise_normals(key, static_cast<uint64_t>(group), z[0], z[1], z[2], z[3]);
+    for (int j = 0; j < 4; ++j)
+      if (first + j >= 0 && first + j < numel) out[first + j] = z[j];
   }
 }
 
-__global__ void zo_noise_bits_kernel(NoiseKey key, int64_t numel, int64_t* out) {
-  const int64_t groups = (numel + 3) / 4;
+__global__ void zo_noise_bits_kernel(NoiseKey key, int64_t offset, int64_t numel, int64_t* out) {
+  const int64_t groups = span_groups(offset, numel);
   for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < groups;
        g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t group = offset / 4 + g, first = 4 * group - offset;
     uint32_t w[4];
-    noise_words(key, static_cast<uint64_t>(g), w[0], w[1], w[2], w[3]);
-    for (int j = 0; j < 4 && 4 * g + j < numel; ++j) out[4 * g + j] = w[j];
+    noise_words(key, static_cast<uint64_t>(group), w[0], w[1], w[2], w[3]);
+    for (int j = 0; j < 4; ++j)
+      if (first + j >= 0 && first + j < numel) out[first + j] = w[j];
   }
 }
 
-at::Tensor zo_noise_cuda(const at::Tensor& like, int64_t seed, int64_t index) {
-  FTOPS_CHECK(index >= 0 && index <= static_cast<int64_t>(UINT32_MAX),
-              "ftops.zo_noise: index = ", index, " is outside [0, 2^32)");
+at::Tensor zo_noise_cuda(const at::Tensor& like, int64_t seed, int64_t index, int64_t offset) {
+  check_zo_noise_args("ftops.zo_noise", index, offset);
   const c10::cuda::CUDAGuard guard(like.device());
   at::Tensor out = at::empty(like.sizes(), like.options().dtype(at::kFloat).layout(at::kStrided)
                                                .memory_format(at::MemoryFormat::Contiguous));
-  const int64_t groups = (out.numel() + 3) / 4;
+  const int64_t groups = span_groups(offset, out.numel());
   if (groups > 0) {
     zo_noise_kernel<<<grid_for(groups), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        make_noise_key(static_cast<uint64_t>(seed), static_cast<uint64_t>(index)), out.numel(),
-        out.data_ptr<float>());
+        make_noise_key(static_cast<uint64_t>(seed), static_cast<uint64_t>(index)), offset,
+        out.numel(), out.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return out;
 }
 
-at::Tensor zo_noise_bits_cuda(const at::Tensor& like, int64_t seed, int64_t index) {
-  FTOPS_CHECK(index >= 0 && index <= static_cast<int64_t>(UINT32_MAX),
-              "ftops.zo_noise_bits: index = ", index, " is outside [0, 2^32)");
+at::Tensor zo_noise_bits_cuda(const at::Tensor& like, int64_t seed, int64_t index, int64_t offset) {
+  check_zo_noise_args("ftops.zo_noise_bits", index, offset);
   const c10::cuda::CUDAGuard guard(like.device());
   at::Tensor out = at::empty({like.numel()}, like.options().dtype(at::kLong).layout(at::kStrided));
-  const int64_t groups = (out.numel() + 3) / 4;
+  const int64_t groups = span_groups(offset, out.numel());
   if (groups > 0) {
     zo_noise_bits_kernel<<<grid_for(groups), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        make_noise_key(static_cast<uint64_t>(seed), static_cast<uint64_t>(index)), out.numel(),
-        out.data_ptr<int64_t>());
+        make_noise_key(static_cast<uint64_t>(seed), static_cast<uint64_t>(index)), offset,
+        out.numel(), out.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return out;
