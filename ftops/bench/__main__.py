@@ -1,6 +1,6 @@
 """The main job: every ftops method fine-tuning a real pretrained model, side by side.
 
-    python -m ftops.bench                      # full run (CPU: ~20 min on 2 cores)
+    python -m ftops.bench                      # full run (CPU: ~10 min on 2 shared cores)
     python -m ftops.bench --quick              # a few minutes on 2 CPU cores
     python -m ftops.bench --methods full,mezo --device cuda --out my-dir
     python -m ftops.bench --micro [--quick]    # the microbenchmarks of bench/ (bench/run.py)
@@ -28,12 +28,12 @@ import time
 log = logging.getLogger("ftops.bench")
 
 # (train per family, test per family, max tokens, batch, gradient steps, MeZO steps).
-# Full: the whole balanced dataset (1584 train / 402 held-out on CPython 3.11), 60 steps of 16
-# (0.6 epoch: what ~20 min on a loaded 2-core machine allows for 7 methods); MeZO 4x the steps
-# (a MeZO step is two forwards, about 0.6x a gradient step here).
+# Full: the whole balanced dataset (1584 train / 402 held-out on CPython 3.11), 120 steps of 16
+# (1.2 epochs; 8.5-11 min for the 7 methods on a shared 2-core machine); MeZO 4x the steps
+# (a MeZO step is two forwards, about 0.35x a full fine-tuning step here).
 MODES = {
     "full": dict(train_per_class=None, test_per_class=None, max_len=64, batch_size=16,
-                 steps=60, mezo_steps=240),
+                 steps=120, mezo_steps=480),
     "quick": dict(train_per_class=60, test_per_class=30, max_len=48, batch_size=16,
                   steps=20, mezo_steps=80),
 }

@@ -24,7 +24,7 @@ def check(r: dict, chance: float, full_acc: float | None) -> list[str]:
         flags.append(f"accuracy {r['accuracy']:.1%} < {LEARN_FACTOR:g}x chance ({LEARN_FACTOR * chance:.1%})")
     tol = NEAR_FULL.get(r["method"], NEAR_FULL["default"])
     if full_acc is not None and r["method"] != "full" and r["accuracy"] < full_acc - tol:
-        flags.append(f"more than {tol:.0%} below full FT ({full_acc:.1%})")
+        flags.append(f"more than {tol * 100:.0f} points below full FT ({full_acc:.1%})")
     return flags
 
 
@@ -71,7 +71,7 @@ def markdown(results: list[dict], meta: dict) -> str:
         "linear head on mean-pooled hidden states; dropout off; sequences truncated to "
         f"{meta['max_len']} tokens, batch {meta['batch_size']}, seed {meta['seed']}.",
         f"Device: {meta['device']} ({meta['device_name']}), torch {meta['torch']}, "
-        f"{meta['threads']} CPU threads. Mode: {meta['mode']}. Command: `{meta['command']}`.",
+        f"CPU threads: {meta['threads']}. Mode: {meta['mode']}. Command: `{meta['command']}`.",
         "",
         f"Budgets: {meta['steps']} steps for every gradient method; MeZO {meta['mezo_steps']} "
         f"steps, training the {meta['mezo_target']} (`--mezo-target`): it only runs forwards (two "
@@ -87,7 +87,8 @@ def markdown(results: list[dict], meta: dict) -> str:
         "max_memory_allocated), each method in its own process; trainable = parameters the "
         "method updates (OwLore: at any one time).",
         f"Checks: accuracy ≥ {LEARN_FACTOR:g}x chance, and within "
-        f"{NEAR_FULL['default']:.0%} of full FT ({NEAR_FULL['mezo']:.0%} for MeZO).",
+        f"{NEAR_FULL['default'] * 100:.0f} accuracy points of full FT "
+        f"({NEAR_FULL['mezo'] * 100:.0f} for MeZO).",
         "",
         "Method settings: " + "; ".join(f"{r['method']}: {r['notes']}" for r in results
                                         if r.get("notes")) + ".",
