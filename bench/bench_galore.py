@@ -36,7 +36,7 @@ import warnings
 
 import torch
 
-from _memory import PeakMeter
+from ftops.bench.memory import PeakMeter
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

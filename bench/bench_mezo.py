@@ -59,7 +59,7 @@ from pathlib import Path
 
 import torch
 
-from _memory import PeakMeter, proc_status_kb
+from ftops.bench.memory import PeakMeter, proc_status_kb
 
 HERE = Path(__file__).resolve().parent
 LR, EPS, WD = 1e-6, 1e-3, 0.0  # the paper's OPT settings (weight decay 0)

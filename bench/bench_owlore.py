@@ -32,7 +32,7 @@ import time
 
 import torch
 
-from _memory import PeakMeter
+from ftops.bench.memory import PeakMeter
 
 CONFIGS = {
     # name: (hidden, intermediate, layers, heads, vocab, batch, seq, steps, period, gamma)

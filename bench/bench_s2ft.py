@@ -6,7 +6,7 @@ Llama-style model with the same module names): forward with a causal-LM loss, ba
 step, zero_grad. Reported per method:
 
 * peak memory, measured with each method alone in a fresh subprocess over the same steps: on CPU
-  the process's peak resident set (VmHWM, bench/_memory.py; glibc set to mmap every allocation of 64 KiB or
+  the process's peak resident set (VmHWM, ftops/bench/memory.py; glibc set to mmap every allocation of 64 KiB or
   more, so that it follows the live tensors) minus its resident set just before the model was
   created, i.e. weights + gradients + optimizer state + activations +
   temporaries; on CUDA ``torch.cuda.max_memory_allocated`` minus what was allocated before the
@@ -42,7 +42,7 @@ import sys
 import time
 import types
 
-from _memory import PeakMeter, rss_bytes
+from ftops.bench.memory import PeakMeter, rss_bytes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # For the CPU memory workers: glibc serves every allocation of 64 KiB or more with its own mmap

@@ -65,7 +65,7 @@ from pathlib import Path
 
 import torch
 
-from _memory import PeakMeter
+from ftops.bench.memory import PeakMeter
 
 HERE = Path(__file__).resolve().parent
 THRESHOLD = 2e-3

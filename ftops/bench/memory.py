@@ -1,66 +1,115 @@
-"""Peak memory of one process, for benchmarks that run each method in its own subprocess.
+"""Peak-memory measurement: one place for how memory is counted, used by the main job
+(``python -m ftops.bench``, one method per subprocess) and by the microbenchmarks in ``bench/``.
 
-CPU: the peak resident set (Linux ``VmHWM``), reset at :meth:`PeakMemory.start` by writing 5 to
-``/proc/self/clear_refs`` (falls back to ``ru_maxrss`` where that is not allowed), minus the
-resident set at the start. Start the process with :data:`MALLOC_ENV` so that glibc serves every
-allocation of 64 KiB or more with its own mmap and returns it on free: the resident set then
-follows the live tensors instead of heap fragmentation. CUDA: ``torch.cuda.max_memory_allocated``
-minus what was allocated at the start.
+CPU: the process's resident set from ``/proc/self/status`` (Linux). ``VmRSS`` is what is resident
+now, ``VmHWM`` its high-water mark; writing ``5`` to ``/proc/self/clear_refs`` resets the mark to
+the current RSS (Linux >= 4.0), so a peak can be taken over a window (after warm-up). Before a
+reset, freed heap memory that glibc still holds is handed back with ``malloc_trim(0)``, so that
+the baseline is live memory, not the allocator's cache. A process started with
+:data:`MALLOC_ENV` has glibc serve every allocation of 64 KiB or more with its own mmap and return
+it on free, so the resident set follows the live tensors instead of heap fragmentation.
+Elsewhere (no ``/proc``): ``ru_maxrss``, the lifetime peak.
+CUDA: ``torch.cuda.memory_allocated`` and ``max_memory_allocated`` (tensor memory through the
+caching allocator; ``reset_peak_memory_stats`` starts a window).
+
+Usage::
+
+    meter = PeakMeter(device)     # "cpu" / "cuda" / torch.device
+    base = meter.reset()          # bytes in use now; the peak window starts here
+    ...                           # the measured work
+    extra = meter.peak() - base   # peak bytes above the baseline
+    meter.hwm_reset               # False on CPU when the high-water mark could not be reset
 """
 from __future__ import annotations
 
-import os
+import ctypes
+import ctypes.util
+import gc
 import resource
+from typing import Optional
 
-import torch
+__all__ = ["MALLOC_ENV", "PeakMeter", "proc_status_kb", "rss_bytes", "malloc_trim"]
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 
 
-def _status_kib(field: str) -> int | None:
+def proc_status_kb(field: str) -> int:
+    """A ``kB`` field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``, ...); without ``/proc``,
+    the lifetime peak ``ru_maxrss`` stands in for both."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
                 if line.startswith(field + ":"):
                     return int(line.split()[1])
     except OSError:
-        pass
-    return None
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def rss_bytes() -> int:
-    kib = _status_kib("VmRSS")
-    if kib is None:  # not Linux: the best we have
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return kib * 1024
+    """Resident set size of this process now, in bytes."""
+    return proc_status_kb("VmRSS") * 1024
 
 
-class PeakMemory:
-    """``start()`` before the model is built, ``peak()`` after the work: bytes above the start."""
+_libc: Optional[ctypes.CDLL] = None
 
-    def __init__(self, device):
+
+def malloc_trim() -> bool:
+    """glibc ``malloc_trim(0)``: return freed heap memory to the system. False where unavailable."""
+    global _libc
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(_libc.malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
+def _reset_hwm() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return proc_status_kb("VmHWM") <= proc_status_kb("VmRSS") + 64
+
+
+class PeakMeter:
+    """Current and peak memory of this process on one device (see the module docstring)."""
+
+    def __init__(self, device="cpu"):
+        import torch  # imported here so that importing this module stays cheap
+
+        self._torch = torch
         self.device = torch.device(device)
-        self.base = 0
-        self.reset_ok = False
+        self.cuda = self.device.type == "cuda"
+        self.hwm_reset = True
 
-    def start(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-            return
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM to the current resident set
-            self.reset_ok = True
-        except OSError:
-            self.reset_ok = False
-        self.base = rss_bytes()
+    def sync(self) -> None:
+        if self.cuda:
+            self._torch.cuda.synchronize(self.device)
+
+    def current(self) -> int:
+        """Bytes in use now (CUDA: allocated tensor memory; CPU: RSS)."""
+        self.sync()
+        return self._torch.cuda.memory_allocated(self.device) if self.cuda else rss_bytes()
+
+    def reset(self) -> int:
+        """Start a peak window (garbage collected, allocator caches released first); returns
+        the bytes in use at its start. On CPU, ``hwm_reset`` says whether the high-water mark
+        could be reset (if not, :meth:`peak` is the process-lifetime peak)."""
+        gc.collect()
+        self.sync()
+        if self.cuda:
+            self._torch.cuda.reset_peak_memory_stats(self.device)
+            return self._torch.cuda.memory_allocated(self.device)
+        malloc_trim()
+        self.hwm_reset = _reset_hwm()
+        return rss_bytes()
 
     def peak(self) -> int:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            return torch.cuda.max_memory_allocated(self.device) - self.base
-        hwm = _status_kib("VmHWM") if self.reset_ok else None
-        peak = hwm * 1024 if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        return max(0, peak - self.base)
+        """Peak bytes in use since the last :meth:`reset` (or since the start)."""
+        self.sync()
+        if self.cuda:
+            return self._torch.cuda.max_memory_allocated(self.device)
+        return proc_status_kb("VmHWM") * 1024

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import torch
 
 from . import methods
-from .memory import PeakMemory
+from .memory import PeakMeter
 
 log = logging.getLogger("ftops.bench")
 
@@ -75,8 +75,8 @@ def run(method: str, data: dict, cfg: dict) -> dict:
                                [test_y[i] for i in by_len[s:s + eb]], device)
                     for s in range(0, len(by_len), eb)]
 
-    mem = PeakMemory(device)
-    mem.start()
+    mem = PeakMeter(device)
+    mem_base = mem.reset()
     model = methods.load_model(len(data["families"]), cfg["seed"], device)
     model_params = sum(p.numel() for p in model.parameters())
     calib = [batch_at(order[i]) for i in range(min(4, len(order)))]
@@ -103,7 +103,7 @@ def run(method: str, data: dict, cfg: dict) -> dict:
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
     bar.close()
-    peak = mem.peak()
+    peak = max(0, mem.peak() - mem_base)
     acc, test_loss = methods.evaluate(trainer.model, test_batches)
     # The first steps include lazy allocations (optimizer state, projector refreshes at step 0);
     # the median over the rest is the steady-state step.
