@@ -70,10 +70,12 @@ def test_sources_use_ftops_check():
     assert not found, "use FTOPS_CHECK / FTOPS_DISPATCH_* (csrc/common/check.h):\n" + "\n".join(found)
 
 
-def test_argument_error_raises_in_a_fresh_process():
+def test_argument_error_raises_in_a_fresh_process(tmp_path):
     """The GPU machine's crash, as it was reported: a signal here is that crash."""
     code = "import torch, ftops; torch.ops.ftops.zo_noise(torch.zeros(3), 0, -1)"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    # cwd away from the checkout, whose ftops/ (no _C.so) would shadow the installed package
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path)
     assert r.returncode >= 0, f"died with signal {-r.returncode}:\n{r.stderr[-2000:]}"
     assert "RuntimeError: ftops.zo_noise: index = -1 is outside [0, 2^32)" in r.stderr, r.stderr
 
