@@ -8,12 +8,11 @@ import os
 import tempfile
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import ftops
 from ftops.owlore import galore_param_groups
-from tiny_model import TinyLM, batches, lm_loss, setup
+from tiny_model import TinyLM, batches, lm_loss, setup, teardown
 
 rank, world, device = setup()
 model = TinyLM().to(device)
@@ -32,4 +31,4 @@ if rank == 0:
     path = os.path.join(tempfile.gettempdir(), "galore_ckpt.pt")
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path)
     print(f"saved {path}")
-dist.destroy_process_group()
+teardown()

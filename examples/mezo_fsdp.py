@@ -111,6 +111,7 @@ def main():
             same = all(torch.equal(a, b) for a, b in zip(full, ref_params))
             print(f"one process: final loss {ref_loss:.5f}; weights bit-identical: {same}")
             assert same and ref_loss == loss
+    dist.barrier()  # every rank done communicating before the group goes (see tiny_model.teardown)
     dist.destroy_process_group()
 
 

@@ -6,12 +6,11 @@ reports a draw. The parameters are identical on every rank, so the new wrapper s
 broadcast (`init_sync=False`); buckets then hold only the sampled blocks and the always-trained
 parts. Every rank draws rank 0's blocks (the sampler broadcasts rank 0's generator state once).
 """
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import ftops
 from ftops.owlore import galore_param_groups
-from tiny_model import TinyLM, batches, lm_loss, setup
+from tiny_model import TinyLM, batches, lm_loss, setup, teardown
 
 rank, world, device = setup()
 model = TinyLM(layers=6).to(device)
@@ -28,4 +27,4 @@ for step, tokens in enumerate(batches(model, 12, rank)):
     opt.zero_grad(set_to_none=True)
     if rank == 0:
         print(f"step {step:2d}  blocks {sampler.active}  loss {loss.item():.4f}")
-dist.destroy_process_group()
+teardown()

@@ -8,11 +8,10 @@ import os
 import tempfile
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ftops import s2ft
-from tiny_model import TinyLM, batches, lm_loss, no_buffer_sync, setup
+from tiny_model import TinyLM, batches, lm_loss, no_buffer_sync, setup, teardown
 
 rank, world, device = setup()
 model = TinyLM().to(device)
@@ -30,4 +29,4 @@ if rank == 0:
     path = os.path.join(tempfile.gettempdir(), "s2ft_adapter.pt")
     torch.save(s2ft.export(model), path)
     print(f"saved {path}")
-dist.destroy_process_group()
+teardown()

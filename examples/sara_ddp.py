@@ -9,11 +9,10 @@ import os
 import tempfile
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import ftops
-from tiny_model import TinyLM, batches, lm_loss, setup
+from tiny_model import TinyLM, batches, lm_loss, setup, teardown
 
 rank, world, device = setup()
 model = TinyLM().to(device)
@@ -32,4 +31,4 @@ if rank == 0:
     path = os.path.join(tempfile.gettempdir(), "sara_delta.pt")
     torch.save(opt.delta(), path)
     print(f"saved {path}")
-dist.destroy_process_group()
+teardown()

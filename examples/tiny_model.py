@@ -85,6 +85,14 @@ def setup():
     return rank, world, device
 
 
+def teardown():
+    """Leave the process group cleanly: wait until every rank is done communicating, then destroy
+    it (without the barrier, gloo's worker threads can abort the exit of a rank that finished
+    first)."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def batches(model, steps, rank, batch=8, seq=32):
     """This rank's shard of a learnable synthetic stream: each sequence starts at a random token
     and follows t -> (5 t + 3) mod vocab (each rank gets different sequences)."""
