@@ -63,6 +63,7 @@ from __future__ import annotations
 import logging
 import math
 import types
+import warnings
 from typing import Callable, Iterable, Optional, Sequence, Union
 
 import torch
@@ -706,6 +707,7 @@ class SaRA(torch.optim.Optimizer):
         keep their values, Adam moments and step counts."""
         self._check_open()
         before = self.num_trainable()
+        resized_registered = False
         with torch.no_grad():
             for mg in self._managed:
                 p = mg.values
@@ -735,8 +737,17 @@ class SaRA(torch.optim.Optimizer):
                 st["exp_avg_sq"] = st["exp_avg_sq"][keep].contiguous()
                 mg.set_indices(flat[keep])
                 self._resize_values(mg, p.detach()[keep].contiguous())
+                resized_registered = resized_registered or \
+                    mg.module._parameters.get(_VALUES_NAME) is mg.values
         logger.info("SaRA: progressive reselection keeps %d of %d trainable entries",
                     self.num_trainable(), before)
+        if resized_registered:
+            # DDP keeps a gradient hook per parameter it was built with: the new values need a
+            # new wrapper, and forgetting it fails later with DDP's unhelpful reduction error.
+            warnings.warn("ftops.SaRA: progressive reselection replaced the trainable value "
+                          "parameters registered on the model (sara_values): wrap the model in "
+                          "DistributedDataParallel again before the next forward",
+                          stacklevel=2)
 
     def _resize_values(self, mg: _Managed, data: torch.Tensor) -> None:
         """Give ``mg`` trainable values of another size as a *new* Parameter (param_groups, state

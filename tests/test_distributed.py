@@ -316,7 +316,8 @@ def test_sara_values_are_module_parameters():
         v.grad = torch.ones_like(v)
     opt.param_groups[0]["lr"] = 1.0
     opt.step()
-    opt.reselect()
+    with pytest.warns(UserWarning, match="DistributedDataParallel again"):
+        opt.reselect()
     assert opt.num_trainable() < n0
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert all(a is b for a, b in zip(trainable, opt.param_groups[0]["params"]))
