@@ -21,48 +21,9 @@ import ftops
 from ftops import s2ft
 from ftops.owlore import find_blocks, galore_param_groups
 
+from _models import Block
+
 VOCAB, HIDDEN, STEPS = 40, 32, 4
-
-
-class Attention(nn.Module):
-    def __init__(self, hidden, heads, head_dim):
-        super().__init__()
-        self.head_dim = head_dim
-        self.q_proj = nn.Linear(hidden, heads * head_dim)
-        self.k_proj = nn.Linear(hidden, heads * head_dim)
-        self.v_proj = nn.Linear(hidden, heads * head_dim)
-        self.o_proj = nn.Linear(heads * head_dim, hidden)
-
-    def forward(self, x):
-        b, t, _ = x.shape
-        q, k, v = (p(x).view(b, t, -1, self.head_dim).transpose(1, 2)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.o_proj(a.transpose(1, 2).reshape(b, t, -1))
-
-
-class MLP(nn.Module):
-    def __init__(self, hidden, inter):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden, inter)
-        self.up_proj = nn.Linear(hidden, inter)
-        self.down_proj = nn.Linear(inter, hidden)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class Block(nn.Module):
-    def __init__(self, hidden, heads, head_dim, inter):
-        super().__init__()
-        self.input_layernorm = nn.LayerNorm(hidden)
-        self.self_attn = Attention(hidden, heads, head_dim)
-        self.post_attention_layernorm = nn.LayerNorm(hidden)
-        self.mlp = MLP(hidden, inter)
-
-    def forward(self, x):
-        x = x + self.self_attn(self.input_layernorm(x))
-        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class TinyLM(nn.Module):
@@ -72,7 +33,8 @@ class TinyLM(nn.Module):
         super().__init__()
         self.model = nn.Module()
         self.model.embed_tokens = nn.Embedding(VOCAB, HIDDEN)
-        self.model.layers = nn.ModuleList(Block(HIDDEN, 2, 16, 48) for _ in range(layers))
+        self.model.layers = nn.ModuleList(Block(HIDDEN, heads=2, inter=48, head_dim=16)
+                                          for _ in range(layers))
         self.model.norm = nn.LayerNorm(HIDDEN)
         self.lm_head = nn.Linear(HIDDEN, VOCAB, bias=False)
 

@@ -27,41 +27,13 @@ import ftops
 from ftops import s2ft
 from ftops.owlore import galore_param_groups
 from _dist import spawn
+from _models import Block
 
 STEPS, RESUME_AT = 6, 4
 TOL = dict(rtol=1e-9, atol=1e-11)  # float64: one process vs two ranks (summation order only)
 
 
 # --- a tiny Llama-style model (S²FT finds its blocks; OwLore its `layers`) ---------------------------
-
-class Attention(nn.Module):
-    def __init__(self, hidden, heads):
-        super().__init__()
-        self.head_dim = hidden // heads
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
-            nn.Linear(hidden, hidden) for _ in range(4))
-
-    def forward(self, x):
-        b, t, _ = x.shape
-        q, k, v = (p(x).view(b, t, -1, self.head_dim).transpose(1, 2)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.o_proj(a.transpose(1, 2).reshape(b, t, -1))
-
-
-class Block(nn.Module):
-    def __init__(self, hidden, heads, inter):
-        super().__init__()
-        self.norm1, self.norm2 = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
-        self.self_attn = Attention(hidden, heads)
-        self.gate_proj, self.up_proj = nn.Linear(hidden, inter), nn.Linear(hidden, inter)
-        self.down_proj = nn.Linear(inter, hidden)
-
-    def forward(self, x):
-        x = x + self.self_attn(self.norm1(x))
-        h = self.norm2(x)
-        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
-
 
 class Tiny(nn.Module):
     # hidden 72 / inter 80: every block matrix has min(m, n) > 64, so SaRA's nuclear norm applies
