@@ -151,12 +151,14 @@ def zo_undo_axpby_(
     For every k, with ``a = undo_coeffs[k] * z(undo_seed, ids[k])``:
 
     1. ``t`` = the value that the perturbation ``F(t) = round_up_ties(t + a)`` maps to
-       ``params[k]`` (``round_up_ties``: to nearest, ties toward +inf), i.e. the unperturbed
-       value, bit for bit wherever F is injective; where rounding merged several values (a
-       perturbation into a coarser binade, ``|a| >> |t|``) one of them, +0 if 0 is one;
+       ``params[k]`` (``round_up_ties``: the exact sum rounded to nearest, ties toward +inf),
+       i.e. the unperturbed value, bit for bit wherever F is injective; where rounding merged
+       several values (a perturbation into a coarser binade, ``|a| >> |t|``) the simplest of
+       them: +0 if 0 is one, else the one with the most trailing zero bits;
     2. ``params[k] = round(t + (sum_s coeffs[s*K + k] * z(seeds[s], ids[k]) - decay[k] * t))``,
-       in float32 (float64 for float64), rounded once: to nearest even as :func:`zo_axpby_`, or
-       with ties toward +inf when ``invertible`` (a perturbation that a later call undoes).
+       in float32 (float64 for float64), rounded once: to nearest even as :func:`zo_axpby_`, or,
+       when ``invertible`` (a perturbation that a later call undoes), the exact sum of ``t`` and
+       the float32 increment with ties toward +inf.
 
     ``undo_coeffs[k] = 0`` undoes nothing (t = params[k] as is). 0 to 8 ``seeds``; a seed equal to ``undo_seed`` reuses
     the undo noise, so undo-and-reperturb with the same seed costs one noise generation. Same

@@ -12,8 +12,9 @@ not subtract ``εz`` from the rounded value: it recovers θ by inverting that ro
 (``zo_undo_axpby_``, csrc/common/zo_undo.h), bit for bit wherever the rounding was injective, and
 applies its own change to θ. So ``θ - εz`` is the correctly rounded value too, and at lr=0 the
 parameters come back bit-exactly except where a perturbation pushed a value into a coarser
-binade or swamped it (``|εz| >> |θ|``), where the information is gone and the error stays below
-half an ulp of the perturbed value.
+binade or swamped it (``|εz| >> |θ|``). There the information is gone, and the undo returns the
+simplest of the values the rounding merged (0 if it is one, else the most trailing zero bits): a
+coarse grid point that later cycles keep, so the value settles instead of random-walking.
 """
 from __future__ import annotations
 

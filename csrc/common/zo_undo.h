@@ -1,22 +1,23 @@
 // Exact undo of a perturbation pass, shared by the CPU and CUDA kernels of zo_undo_axpby_.
 //
 // A perturbation pass maps each unperturbed value t (in the parameter dtype T) to
-//     F(t) = round_up_ties(t + a),   a = 0 + u * z     (computed in acc_t: float32, double for
-// float64), where round_up_ties is round-to-nearest with ties toward +infinity (not to even):
-// unlike ties-to-even it commutes with shifts by a whole number of ulps, so F is injective
+//     F(t) = round_up_ties(t + a),   a = 0 + u * z     (a in acc_t: float32, double for float64),
+// the exact real sum t + a rounded to T to nearest with ties toward +infinity (not to even):
+// unlike ties-to-even that commutes with shifts by a whole number of ulps, so F is injective
 // wherever t and F(t) have the same spacing (RNE makes two neighbours collide at every exact
-// tie, which for float32 params and |a| ~ |t|/8 happens for 1 element in 8). F is monotone
-// non-decreasing, so the values t with F(t) == p form an interval; the undo takes
-//     base = +0          when F(0) == p (p carries no information about t beyond "close to 0"),
-//            q = T(p - a) when F(q) == p,
-//            the neighbour of q on the side where F(q) misses p, when that one maps to p,
-//            q            otherwise (p was not produced by F: nothing better is known),
-// then returns base's neighbour on the side of the exact p - a instead when that is a preimage and
-// has more trailing zero bits (a canonical member of a merged interval; see
-// undo_prefer_simpler). Wherever F is injective at t (t and t +- 1 ulp map to different
-// values) the undo returns t bit for bit; where rounding merged several t into one p (|a|
-// crossing into a coarser binade, |a| >> |t|) it returns one of them, never one with the
-// wrong sign.
+// tie, which for float32 params and |a| ~ |t|/8 happens for 1 element in 8).
+//
+// F is monotone, so the values t with F(t) == p form a range [lo, hi], found exactly from the
+// real thresholds p - a -+ half the spacings around p. The undo returns the range's simplest
+// member: +0 if the range holds 0, else the one with the most trailing zero bits. So
+//  * wherever F is injective at t (the range is {t}) it returns t bit for bit;
+//  * where rounding merged several values (a perturbation pushed t into a coarser binade, or
+//    |a| >> |t|), the result is a function of the range alone, never of the wrong sign, and a
+//    simplest value stays put under later ranges narrower than its grid: an element that lost
+//    information moves to a nearby coarse grid point and stays there, instead of random-walking
+//    over many perturb/undo cycles (bench/bench_mezo.py measures this drift);
+//  * a p that F cannot produce (the range is empty: the parameter changed between the passes)
+//    gives the nearest value to p - a; inf and NaN stay.
 //
 // Everything is IEEE +, -, *, compares and integer ops on the bit patterns, with no contraction
 // into FMAs (CPU: -ffp-contract=off; CUDA: --fmad=false), so CPU and CUDA agree bit for bit.
@@ -159,40 +160,34 @@ FTOPS_HD typename FBits<T>::U step_bits(typename FBits<T>::U b, int k) {
   return static_cast<U>(mag2 | static_cast<U>(neg2 << kTop));
 }
 
-// round(v + t) to scalar_t, to nearest with ties toward +infinity. For float32/float64 the
-// exact sum is v + t (TwoSum gives its rounding error exactly); for half types it is the
-// float32 sum (which is what the kernels round, as zo_axpby_ does). A tie rounded to nearest
-// even went down iff the error e is > 0 and s + 2e is the next representable value above s
-// (for a smaller e > 0, s + 2e lies strictly between s and that value).
+// round(v + t) to scalar_t, to nearest with ties toward +infinity, of the exact sum v + t
+// (TwoSum gives the rounding error of the acc_t sum s exactly). float32/float64: a tie rounded
+// to nearest even went down iff the error is > 0 and s + 2 err is the next value above s. Half
+// types: s lies on a 16-bit midpoint iff its mirror w = 2 s - RNE(s) is representable; only
+// there can the exact sum round differently from s, and its error says to which side (a
+// float32 s that is not a midpoint is at least one float32 ulp, more than |err|, away from it).
+// Rounding the exact sum makes F a function of the real t + a alone, so its preimages are the
+// values in a half-open real interval (zo_undo_bits relies on that).
 template <typename scalar_t, typename acc_t>
 FTOPS_HD typename FBits<scalar_t>::U round_up_ties_bits(acc_t v, acc_t t) {
   using B = FBits<scalar_t>;
+  const acc_t s = v + t;
+  const acc_t bb = s - v;
+  const acc_t err = (v - (s - bb)) + (t - bb);  // (v + t) - s, exactly
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    const acc_t s = v + t;
-    const acc_t bb = s - v;
-    const acc_t err = (v - (s - bb)) + (t - bb);  // (v + t) - s, exactly
     const acc_t w = s + (err + err);
     const bool tie = (err > acc_t(0)) & (w - s == err + err);
     return B::get(tie ? w : s);
   } else {
-    const acc_t y = v + t;
-    const auto sb = B::from_f(y);  // ties to even
+    const auto sb = B::from_f(s);  // ties to even
     const acc_t sf = B::to_f(sb);
-    const acc_t e = y - sf;  // exact
+    const acc_t e = s - sf;  // exact
     const acc_t w = sf + (e + e);  // exact: both are multiples of e's ulp, and small
     const auto wb = B::from_f(w);
-    const bool tie = (e > acc_t(0)) & (B::to_f(wb) == w);
-    return select_bits<typename B::U>(tie, wb, sb);
-  }
-}
-
-// F(0) = round_up_ties(0 + a).
-template <typename scalar_t, typename acc_t>
-FTOPS_HD typename FBits<scalar_t>::U round_up_ties_of_zero_bits(acc_t a) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return FBits<scalar_t>::get(acc_t(0) + a);  // exact
-  } else {
-    return round_up_ties_bits<scalar_t, acc_t>(acc_t(0), a);
+    // on a midpoint (or e == 0, where wb == sb): the side of the exact sum decides
+    const bool tie = B::to_f(wb) == w;
+    const bool to_w = tie & ((e > acc_t(0)) == (err >= acc_t(0)));
+    return select_bits<typename B::U>(to_w, wb, sb);
   }
 }
 
@@ -203,86 +198,105 @@ FTOPS_HD acc_t undo_offset(acc_t u, float z) {
   return acc_t(0) + u * static_cast<acc_t>(z);
 }
 
-// r = pv - a rounded, and its rounding error exactly (TwoSum): for float32 params r is q itself,
-// so only the error tells on which side of q the exact p - a lies.
+// The error of s = x + y exactly (TwoSum).
 template <typename acc_t>
-FTOPS_HD acc_t sub_err(acc_t pv, acc_t a, acc_t r) {
-  const acc_t na = -a;
-  const acc_t bb = r - pv;
-  return (pv - (r - bb)) + (na - bb);
+FTOPS_HD acc_t two_sum_err(acc_t x, acc_t y, acc_t s) {
+  const acc_t bb = s - x;
+  return (x - (s - bb)) + (y - bb);
 }
 
-// How "simple" a value is: its lowest set magnitude bit (more trailing zeros: a coarser grid
-// point), zero the simplest of all.
+// The value of T nearest to (pv + off) - a, where pv, off and a are exact in acc_t: within one
+// representable value of the exact result (two TwoSums carry the errors of both subtractions,
+// so the only roundings left are the last add and, for half types, float32 -> T).
+template <typename scalar_t, typename acc_t>
+FTOPS_HD typename FBits<scalar_t>::U nearest_bits(acc_t pv, acc_t off, acc_t a) {
+  const acc_t s = pv - a;
+  const acc_t e = two_sum_err<acc_t>(pv, -a, s);
+  const acc_t x = s + off;
+  const acc_t e2 = two_sum_err<acc_t>(s, off, x);
+  return FBits<scalar_t>::from_f(x + (e + e2));
+}
+
+// Order of bit patterns as signed integers (-0 and +0 both 0), for compares.
 template <typename T>
-FTOPS_HD typename FBits<T>::U simplicity(typename FBits<T>::U b) {
+FTOPS_HD auto ordinal(typename FBits<T>::U b) {
+  using U = typename FBits<T>::U;
+  using S = std::make_signed_t<std::conditional_t<(sizeof(U) < 4), uint32_t, U>>;
+  constexpr int kTop = 8 * sizeof(U) - 1;
+  const S mag = static_cast<S>(b & static_cast<U>(~FBits<T>::kSign));
+  const S neg = static_cast<S>(b >> kTop);
+  return static_cast<S>((mag ^ -neg) + neg);  // neg ? -mag : mag
+}
+
+// The simplest value with a pattern in [lo, hi] (lo <= hi in value order): +0 if the range
+// holds 0, else the magnitude with the most trailing zero bits (a coarsest grid point; a
+// power of two beats its binade), with the range's sign. In a range of magnitudes [A, B]
+// that is B with the bits below the highest bit where A and B differ cleared, or A itself
+// if A is already zero from that bit down.
+template <typename T>
+FTOPS_HD typename FBits<T>::U simplest_bits(typename FBits<T>::U lo, typename FBits<T>::U hi) {
   using U = typename FBits<T>::U;
   constexpr U S = FBits<T>::kSign;
-  const U m = static_cast<U>(b & static_cast<U>(~S));
-  const U low = static_cast<U>(m & static_cast<U>(U(0) - m));
-  const U is_zero = static_cast<U>(m == U(0));
-  return static_cast<U>(low | static_cast<U>(S & static_cast<U>(U(0) - is_zero)));
+  const auto lo_o = ordinal<T>(lo), hi_o = ordinal<T>(hi);
+  const U lo_mag = static_cast<U>(lo & static_cast<U>(~S));
+  const U hi_mag = static_cast<U>(hi & static_cast<U>(~S));
+  // (compares of ordinals, not tests of sign bits: a bool made from an integer's bit stops
+  // GCC's vectorizer)
+  const bool has_zero = (lo_o <= 0) & (hi_o >= 0);
+  // same sign otherwise: magnitudes A <= B
+  const bool negative = hi_o < 0;
+  const U a = select_bits<U>(negative, hi_mag, lo_mag);
+  const U b = select_bits<U>(negative, lo_mag, hi_mag);
+  U m = static_cast<U>(a ^ b);  // smear the highest differing bit downwards
+  m = static_cast<U>(m | (m >> 1));
+  m = static_cast<U>(m | (m >> 2));
+  m = static_cast<U>(m | (m >> 4));
+  m = static_cast<U>(m | (m >> 8));
+  if constexpr (sizeof(U) > 2) m = static_cast<U>(m | (m >> 16));
+  if constexpr (sizeof(U) > 4) m = static_cast<U>(m | (m >> 32));
+  const U from_b = static_cast<U>(b & static_cast<U>(~(m >> 1)));
+  const U mag = select_bits<U>((a & m) == U(0), a, from_b);
+  return select_bits<U>(has_zero, U(0), static_cast<U>(mag | (hi & S)));
 }
 
-// The last step of the undo: `base` (a preimage of pb unless !base_ok) or its neighbour on the
-// side of p - a (= r + r_err exactly), whichever is the simpler preimage. Where rounding
-// merged values (the preimages form an interval of 2 or more), this picks a canonical member,
-// so that an element
-// that lost information once is mapped to the same value when it loses it again instead of
-// random-walking (at most a 1-ulp change per element from a binade crossing, not a drift).
+// F(t) as an ordinal.
 template <typename scalar_t, typename acc_t>
-FTOPS_HD typename FBits<scalar_t>::U undo_prefer_simpler(typename FBits<scalar_t>::U base,
-                                                         bool base_ok, acc_t r, acc_t r_err,
-                                                         acc_t a, typename FBits<scalar_t>::U pb) {
-  using B = FBits<scalar_t>;
-  using U = typename B::U;
-  const acc_t bv = B::to_f(base);
-  // sign of the exact (p - a) - base: r - bv is exact, and |r_err| <= ulp(r)/2 only decides it
-  // when r == bv (one compare: a compound condition here defeats the CPU vectorizer)
-  const bool up = (r - bv) + r_err > acc_t(0);
-  const U nb = step_bits<scalar_t>(base, up ? 1 : -1);
-  const bool n_ok = round_up_ties_bits<scalar_t, acc_t>(B::to_f(nb), a) == pb;
-  const bool take = n_ok & (!base_ok | (simplicity<scalar_t>(nb) > simplicity<scalar_t>(base)));
-  return select_bits<U>(take, nb, base);
+FTOPS_HD auto f_ordinal(typename FBits<scalar_t>::U t, acc_t a) {
+  return ordinal<scalar_t>(round_up_ties_bits<scalar_t, acc_t>(FBits<scalar_t>::to_f(t), a));
 }
 
-// Recovers t from p = round_up_ties(t + a) (see the top of this file); returns the bits.
+// Recovers t from p = F(t) = round_up_ties(t + a) (see the top of this file); returns the bits.
+// F is monotone, so its preimages of p form a range [lo, hi]; estimates of both ends (from
+// the exact thresholds p - spacing below/2 - a and p + spacing above/2 - a) are within one
+// value, and two evaluations of F per end settle each. The result is the range's simplest
+// member. Four evaluations of F, all branch-free.
 template <typename scalar_t, typename acc_t>
 FTOPS_HD typename FBits<scalar_t>::U zo_undo_bits(typename FBits<scalar_t>::U pb, acc_t a) {
   using B = FBits<scalar_t>;
   using U = typename B::U;
   const acc_t pv = B::to_f(pb);
-  const acc_t r = pv - a;
-  const U qb = B::from_f(r);
-  const U fq = round_up_ties_bits<scalar_t, acc_t>(B::to_f(qb), a);
-  const bool q_ok = fq == pb;
-  // F is monotone: if F(q) is below p, the preimage lies above q.
-  const bool go_up = B::to_f(fq) < pv;
-  const U cb = step_bits<scalar_t>(qb, go_up ? 1 : -1);
-  const bool c_ok =
-      round_up_ties_bits<scalar_t, acc_t>(B::to_f(cb), a) == pb;
-  const bool zero_ok = round_up_ties_of_zero_bits<scalar_t, acc_t>(a) == pb;
-  const U base = select_bits<U>(zero_ok, U(0), select_bits<U>(!q_ok & c_ok, cb, qb));
-  return undo_prefer_simpler<scalar_t, acc_t>(base, zero_ok | q_ok | c_ok, r,
-                                              sub_err<acc_t>(pv, a, r), a, pb);
-}
-
-// The same result without the search for q's neighbour, valid where `miss` comes back false
-// (q or 0 is a preimage: all but a handful of elements per million); elsewhere call
-// zo_undo_bits.
-template <typename scalar_t, typename acc_t>
-FTOPS_HD typename FBits<scalar_t>::U zo_undo_bits_fast(typename FBits<scalar_t>::U pb, acc_t a,
-                                                       bool& miss) {
-  using B = FBits<scalar_t>;
-  using U = typename B::U;
-  const acc_t pv = B::to_f(pb);
-  const acc_t r = pv - a;
-  const U qb = B::from_f(r);
-  const bool q_ok = round_up_ties_bits<scalar_t, acc_t>(B::to_f(qb), a) == pb;
-  const bool zero_ok = round_up_ties_of_zero_bits<scalar_t, acc_t>(a) == pb;
-  miss = !q_ok & !zero_ok;
-  return undo_prefer_simpler<scalar_t, acc_t>(select_bits<U>(zero_ok, U(0), qb), true, r,
-                                              sub_err<acc_t>(pv, a, r), a, pb);
+  const acc_t below = B::to_f(step_bits<scalar_t>(pb, -1));
+  const acc_t above = B::to_f(step_bits<scalar_t>(pb, 1));
+  // half the spacings (exact); at the top of the range the one above is inf: use the one below
+  const acc_t half_down = (pv - below) * acc_t(0.5);
+  const acc_t up_raw = (above - pv) * acc_t(0.5);
+  const acc_t half_up = up_raw - up_raw == acc_t(0) ? up_raw : half_down;
+  const auto po = ordinal<scalar_t>(pb);
+  // lo = the least t with F(t) >= p
+  const U gl = nearest_bits<scalar_t, acc_t>(pv, -half_down, a);
+  const U gl_dn = step_bits<scalar_t>(gl, -1);
+  const U lo = select_bits<U>(f_ordinal<scalar_t>(gl_dn, a) >= po, gl_dn,
+                              select_bits<U>(f_ordinal<scalar_t>(gl, a) >= po, gl, step_bits<scalar_t>(gl, 1)));
+  // hi = the greatest t with F(t) <= p
+  const U gh = nearest_bits<scalar_t, acc_t>(pv, half_up, a);
+  const U gh_up = step_bits<scalar_t>(gh, 1);
+  const U hi = select_bits<U>(f_ordinal<scalar_t>(gh_up, a) <= po, gh_up,
+                              select_bits<U>(f_ordinal<scalar_t>(gh, a) <= po, gh, step_bits<scalar_t>(gh, -1)));
+  // An empty range (p is not a value F produces, e.g. the parameter was changed between the
+  // passes) gets the nearest value to p - a; inf and NaN stay as they are.
+  const bool found = ordinal<scalar_t>(lo) <= ordinal<scalar_t>(hi);
+  const U r = select_bits<U>(found, simplest_bits<scalar_t>(lo, hi), B::from_f(pv - a));
+  return select_bits<U>(pv - pv == acc_t(0), r, pb);
 }
 
 // The pass's own change from the recovered value v: v + (acc - d v), rounded once, either to

@@ -171,20 +171,10 @@ FTOPS_CLONES void undo_axpby_blocks(scalar_t* p, Span sp, NoiseKey ukey, acc_t u
     const acc_t* acc = acc_block + lo;
     // Work on the bit patterns (a load of c10::Half/BFloat16 as a struct does not vectorize).
     U* q = reinterpret_cast<U*>(p + sp.local(b, lo));
-    // Fast path (q or 0 is a preimage) for the whole block, branch-free; the full candidate
-    // search only for the rare block where some element needs it. Same result either way.
-    int miss_any = 0;
-    if constexpr (!kUndo) {  // undo coefficient 0: nothing to undo
-      for (int64_t j = 0; j < n; ++j) bits[j] = q[j];
-    } else {
-      for (int64_t j = 0; j < n; ++j) {
-        bool miss;
-        bits[j] = zo_undo_bits_fast<scalar_t, acc_t>(q[j], a[j], miss);
-        miss_any |= static_cast<int>(miss);
-      }
-    }
-    if (miss_any) {
+    if constexpr (kUndo) {
       for (int64_t j = 0; j < n; ++j) bits[j] = zo_undo_bits<scalar_t, acc_t>(q[j], a[j]);
+    } else {  // undo coefficient 0: nothing to undo
+      for (int64_t j = 0; j < n; ++j) bits[j] = q[j];
     }
     for (int64_t j = 0; j < n; ++j) {
       q[j] = zo_apply_bits<scalar_t, acc_t, kInvertible>(FBits<scalar_t>::to_f(bits[j]), acc[j], d);
