@@ -15,6 +15,7 @@ rank 0 too and asserts that the weights agree bit for bit.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 
 import torch
@@ -111,7 +112,11 @@ def main():
             same = all(torch.equal(a, b) for a, b in zip(full, ref_params))
             print(f"one process: final loss {ref_loss:.5f}; weights bit-identical: {same}")
             assert same and ref_loss == loss
-    dist.barrier()  # every rank done communicating before the group goes (see tiny_model.teardown)
+    # the sharded model goes before the process group, every rank done communicating before it
+    # goes (see tiny_model.teardown)
+    del model, full
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -10,21 +10,25 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import ftops
 from ftops.owlore import galore_param_groups
-from tiny_model import TinyLM, batches, lm_loss, setup, teardown
+from tiny_model import TinyLM, batches, lm_loss, run
 
-rank, world, device = setup()
-model = TinyLM(layers=6).to(device)
-opt = ftops.GaLoreAdamW(galore_param_groups(model, model.layers, rank=32, update_proj_gap=5),
-                        lr=1e-2)  # built over every parameter, before the first draw
-sampler = ftops.OwLore(model.layers, ratios=None, gamma=2, period=4, seed=0, optimizer=opt)
-ddp = None
-for step, tokens in enumerate(batches(model, 12, rank)):
-    if sampler.step():  # a new draw: wrap again so that DDP reduces exactly the trainable set
-        ddp = DDP(model, init_sync=ddp is None)
-    loss = lm_loss(ddp, tokens.to(device))
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    if rank == 0:
-        print(f"step {step:2d}  blocks {sampler.active}  loss {loss.item():.4f}")
-teardown()
+
+def main(rank, world, device):
+    model = TinyLM(layers=6).to(device)
+    opt = ftops.GaLoreAdamW(galore_param_groups(model, model.layers, rank=32, update_proj_gap=5),
+                            lr=1e-2)  # built over every parameter, before the first draw
+    sampler = ftops.OwLore(model.layers, ratios=None, gamma=2, period=4, seed=0, optimizer=opt)
+    ddp = None
+    for step, tokens in enumerate(batches(model, 12, rank)):
+        if sampler.step():  # a new draw: wrap again so that DDP reduces exactly the trainable set
+            ddp = DDP(model, init_sync=ddp is None)
+        loss = lm_loss(ddp, tokens.to(device))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if rank == 0:
+            print(f"step {step:2d}  blocks {sampler.active}  loss {loss.item():.4f}")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -11,22 +11,26 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from ftops import s2ft
-from tiny_model import TinyLM, batches, lm_loss, no_buffer_sync, setup, teardown
+from tiny_model import TinyLM, batches, lm_loss, no_buffer_sync, run
 
-rank, world, device = setup()
-model = TinyLM().to(device)
-s2ft.apply(model, s2ft.select(model, heads=0.25, channels=0.05, seed=0))  # same seed: same selection
-opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-ddp = DDP(model, **no_buffer_sync())  # forward_sync_buffers=False (broadcast_buffers before 2.14)
-for step, tokens in enumerate(batches(model, 12, rank)):
-    loss = lm_loss(ddp, tokens.to(device))
-    loss.backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+
+def main(rank, world, device):
+    model = TinyLM().to(device)
+    s2ft.apply(model, s2ft.select(model, heads=0.25, channels=0.05, seed=0))  # same seed: same selection
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ddp = DDP(model, **no_buffer_sync())  # forward_sync_buffers=False (broadcast_buffers before 2.14)
+    for step, tokens in enumerate(batches(model, 12, rank)):
+        loss = lm_loss(ddp, tokens.to(device))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if rank == 0:
+            print(f"step {step:2d}  loss {loss.item():.4f}")
     if rank == 0:
-        print(f"step {step:2d}  loss {loss.item():.4f}")
-if rank == 0:
-    path = os.path.join(tempfile.gettempdir(), "s2ft_adapter.pt")
-    torch.save(s2ft.export(model), path)
-    print(f"saved {path}")
-teardown()
+        path = os.path.join(tempfile.gettempdir(), "s2ft_adapter.pt")
+        torch.save(s2ft.export(model), path)
+        print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    run(main)

@@ -4,6 +4,7 @@ The module paths follow transformers' Llama (`layers.N.self_attn.{q,k,v,o}_proj`
 `layers.N.mlp.{gate,up,down}_proj`), so ftops.s2ft and ftops.owlore find its blocks as they
 find a real model's. Swap in any transformers model; nothing else in the examples changes.
 """
+import gc
 import os
 
 import torch
@@ -88,9 +89,19 @@ def setup():
 def teardown():
     """Leave the process group cleanly: wait until every rank is done communicating, then destroy
     it (without the barrier, gloo's worker threads can abort the exit of a rank that finished
-    first)."""
+    first). Call it after the DDP wrappers are gone (see `run`): a wrapper alive at exit keeps
+    the group and its pending work until interpreter shutdown, where gloo can abort the process."""
+    gc.collect()  # wrappers replaced at a re-wrap may sit in reference cycles
     dist.barrier()
     dist.destroy_process_group()
+
+
+def run(main):
+    """setup(), main(rank, world, device), teardown(): whatever main builds (the DDP wrappers,
+    the optimizer) is freed when it returns, before the process group is destroyed."""
+    rank, world, device = setup()
+    main(rank, world, device)
+    teardown()
 
 
 def batches(model, steps, rank, batch=8, seq=32):

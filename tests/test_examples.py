@@ -3,6 +3,7 @@ rot unnoticed. Each is a short script; the assertions check the line it ends wit
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 pytest.importorskip("torch.distributed")
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+GLOO_EXIT_ABORT = "terminate called without an active exception"
 
 CASES = {
     "galore_ddp.py": ([], "saved"),
@@ -29,5 +31,11 @@ def test_example_runs_under_torchrun(script, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(EXAMPLES / script), *args]
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    if r.returncode != 0 and GLOO_EXIT_ABORT in r.stderr and expect in r.stdout:
+        # The script did all its work and a rank aborted in gloo's teardown at interpreter exit
+        # (a torch race, pytorch/pytorch#190489; the examples free their wrappers and destroy the
+        # group first, which makes it rare). Once more, and that run must pass.
+        warnings.warn(f"{script}: gloo aborted at exit after a complete run; ran it again")
+        r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, f"{script} failed (rc={r.returncode}):\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}"
     assert expect in r.stdout, r.stdout[-2000:]
