@@ -277,10 +277,11 @@ FTOPS_HD typename FBits<scalar_t>::U zo_undo_bits(typename FBits<scalar_t>::U pb
   const acc_t pv = B::to_f(pb);
   const acc_t below = B::to_f(step_bits<scalar_t>(pb, -1));
   const acc_t above = B::to_f(step_bits<scalar_t>(pb, 1));
-  // half the spacings (exact); at the top of the range the one above is inf: use the one below
-  const acc_t half_down = (pv - below) * acc_t(0.5);
+  // half the spacings (exact); at +-max the one beyond is inf: use the other one
+  const acc_t down_raw = (pv - below) * acc_t(0.5);
   const acc_t up_raw = (above - pv) * acc_t(0.5);
-  const acc_t half_up = up_raw - up_raw == acc_t(0) ? up_raw : half_down;
+  const acc_t half_down = down_raw - down_raw == acc_t(0) ? down_raw : up_raw;
+  const acc_t half_up = up_raw - up_raw == acc_t(0) ? up_raw : down_raw;
   const auto po = ordinal<scalar_t>(pb);
   // lo = the least t with F(t) >= p
   const U gl = nearest_bits<scalar_t, acc_t>(pv, -half_down, a);

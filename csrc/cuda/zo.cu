@@ -58,8 +58,10 @@ struct GroupAt {
   int64_t group, first;
 };
 
-__device__ __forceinline__ GroupAt group_at(const ZoLaunch& args, int64_t g) {
-  int k = 0;
+// `k` carries the tensor of the thread's previous item: g only grows along a grid-stride loop,
+// so the scan moves forward only and costs at most n_tensors steps per thread in all (from 0 at
+// every item it cost ~n_tensors / 2 steps per group, a large share of a pass's instructions).
+__device__ __forceinline__ GroupAt group_at(const ZoLaunch& args, int64_t g, int& k) {
   while (args.first_group[k + 1] <= g) ++k;
   const int64_t group = args.offset[k] / 4 + (g - args.first_group[k]);
   return GroupAt{k, group, 4 * group - args.offset[k]};
@@ -89,9 +91,10 @@ __device__ __forceinline__ void update_group(const ZoLaunch& args, const GroupAt
 template <typename scalar_t, typename acc_t>
 __global__ void zo_axpby_kernel(const ZoLaunch args) {
   const int64_t total = args.first_group[args.n_tensors];
+  int k = 0;
   for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < total;
        g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const GroupAt at = group_at(args, g);
+    const GroupAt at = group_at(args, g, k);
     acc_t acc[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
     for (int s = 0; s < args.n_seeds; ++s) {
       const NoiseKey key = make_noise_key(args.seed[s], args.id[at.k]);
@@ -121,9 +124,10 @@ template <typename scalar_t, typename acc_t, bool kInvertible>
 __global__ void zo_undo_axpby_kernel(const ZoUndoLaunch args) {
   const ZoLaunch& b = args.base;
   const int64_t total = b.first_group[b.n_tensors];
+  int k = 0;
   for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < total;
        g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const GroupAt at = group_at(b, g);
+    const GroupAt at = group_at(b, g, k);
     const acc_t u = static_cast<acc_t>(args.undo_coeff[at.k]);
     const bool undo = u != acc_t(0);  // undo coefficient 0: nothing to undo
     float zu[4] = {0.f, 0.f, 0.f, 0.f};
