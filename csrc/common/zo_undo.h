@@ -265,67 +265,49 @@ FTOPS_HD auto f_ordinal(typename FBits<scalar_t>::U t, acc_t a) {
   return ordinal<scalar_t>(round_up_ties_bits<scalar_t, acc_t>(FBits<scalar_t>::to_f(t), a));
 }
 
-// The preimage range of p as its two ends, by search: estimates of both ends (from the exact
-// thresholds p - spacing below/2 - a and p + spacing above/2 - a) are within one value, and
-// two evaluations of F per end settle each. For float64, where those thresholds have no exact
-// wider type to live in.
+// The preimage range of p for float32/float64, where F rounds in T itself. The thresholds
+// B = (p - a) -+ half a spacing are computed with both subtractions' errors carried (TwoSum),
+// so g = the T nearest B is floor(B) or ceil(B): the sum of the carried errors is rounded only
+// where it is far below B's spacing, and where B nearly cancels every step is exact (Sterbenz).
+// One evaluation of F per end then decides between g and its neighbour.
 template <typename scalar_t, typename acc_t>
 FTOPS_HD void preimage_range_by_search(typename FBits<scalar_t>::U pb, acc_t pv, acc_t half_down,
                                        acc_t half_up, acc_t a, typename FBits<scalar_t>::U& lo,
                                        typename FBits<scalar_t>::U& hi) {
   using U = typename FBits<scalar_t>::U;
   const auto po = ordinal<scalar_t>(pb);
-  // lo = the least t with F(t) >= p
+  // lo = the least t with F(t) >= p (t >= B_lo)
   const U gl = nearest_bits<scalar_t, acc_t>(pv, -half_down, a);
-  const U gl_dn = step_bits<scalar_t>(gl, -1);
-  lo = select_bits<U>(f_ordinal<scalar_t>(gl_dn, a) >= po, gl_dn,
-                      select_bits<U>(f_ordinal<scalar_t>(gl, a) >= po, gl, step_bits<scalar_t>(gl, 1)));
-  // hi = the greatest t with F(t) <= p
+  lo = select_bits<U>(f_ordinal<scalar_t>(gl, a) >= po, gl, step_bits<scalar_t>(gl, 1));
+  // hi = the greatest t with F(t) <= p (t < B_hi)
   const U gh = nearest_bits<scalar_t, acc_t>(pv, half_up, a);
-  const U gh_up = step_bits<scalar_t>(gh, 1);
-  hi = select_bits<U>(f_ordinal<scalar_t>(gh_up, a) <= po, gh_up,
-                      select_bits<U>(f_ordinal<scalar_t>(gh, a) <= po, gh, step_bits<scalar_t>(gh, -1)));
+  hi = select_bits<U>(f_ordinal<scalar_t>(gh, a) <= po, gh, step_bits<scalar_t>(gh, -1));
 }
 
-// A type in which the thresholds m = p -+ spacing/2 are exact and m - a is exact as a TwoSum
-// pair: float32 for the half types (their midpoints need at most 12 bits), double for float32.
-template <typename scalar_t>
-using WideOf = std::conditional_t<std::is_same_v<scalar_t, float>, double, float>;
-
-// The nearest T to a wide value, as bits.
-template <typename scalar_t, typename W>
-FTOPS_HD typename FBits<scalar_t>::U bits_of_wide(W w) {
-  if constexpr (std::is_same_v<scalar_t, float>) {
-    return float_to_bits(static_cast<float>(w));
-  } else {
-    return FBits<scalar_t>::from_f(w);
-  }
-}
-
-// The preimage range of p from its thresholds directly (half types and float32): F(t) >= p iff
+// The preimage range of p for the half types, from its thresholds directly: F(t) >= p iff
 // t >= m_lo - a and F(t) <= p iff t < m_hi - a (ties go up), with m_lo = p - spacing below/2,
-// m_hi = p + spacing above/2. With B = m - a held exactly as s + e (s = fl(m - a), e its TwoSum
-// error) and c = the T nearest s: B lies within half a T-spacing (plus |e|, far less) of c, so
-// the least T >= B is c when c - s >= e (c - s is exact) and the next value up otherwise, and
-// the greatest T < B is c when c - s < e and the next value down otherwise. No evaluation of F.
-template <typename scalar_t, typename acc_t>
-FTOPS_HD void preimage_range_by_thresholds(acc_t pv, acc_t half_down, acc_t half_up, acc_t a,
+// m_hi = p + spacing above/2, both exact in float32 (a 16-bit midpoint needs at most 12 bits).
+// With B = m - a held exactly as s + e (s = fl(m - a), e its TwoSum error) and c = the T nearest
+// s: B lies within half a T-spacing (plus |e|, far less) of c, so the least T >= B is c when
+// c - s >= e (c - s is exact) and the next value up otherwise, and the greatest T < B is c when
+// c - s < e and the next value down otherwise. No evaluation of F.
+template <typename scalar_t>
+FTOPS_HD void preimage_range_by_thresholds(float pv, float half_down, float half_up, float a,
                                            typename FBits<scalar_t>::U& lo,
                                            typename FBits<scalar_t>::U& hi) {
   using U = typename FBits<scalar_t>::U;
-  using W = WideOf<scalar_t>;
-  const W p_w = static_cast<W>(pv), a_w = static_cast<W>(a);
-  const W m_lo = p_w - static_cast<W>(half_down);  // exact
-  const W s_lo = m_lo - a_w;
-  const W e_lo = two_sum_err<W>(m_lo, -a_w, s_lo);
-  const U c_lo = bits_of_wide<scalar_t, W>(s_lo);
-  const W d_lo = static_cast<W>(FBits<scalar_t>::to_f(c_lo)) - s_lo;  // exact
+  using B = FBits<scalar_t>;
+  const float m_lo = pv - half_down;  // exact
+  const float s_lo = m_lo - a;
+  const float e_lo = two_sum_err<float>(m_lo, -a, s_lo);
+  const U c_lo = B::from_f(s_lo);
+  const float d_lo = B::to_f(c_lo) - s_lo;  // exact
   lo = select_bits<U>(d_lo >= e_lo, c_lo, step_bits<scalar_t>(c_lo, 1));
-  const W m_hi = p_w + static_cast<W>(half_up);  // exact
-  const W s_hi = m_hi - a_w;
-  const W e_hi = two_sum_err<W>(m_hi, -a_w, s_hi);
-  const U c_hi = bits_of_wide<scalar_t, W>(s_hi);
-  const W d_hi = static_cast<W>(FBits<scalar_t>::to_f(c_hi)) - s_hi;  // exact
+  const float m_hi = pv + half_up;  // exact
+  const float s_hi = m_hi - a;
+  const float e_hi = two_sum_err<float>(m_hi, -a, s_hi);
+  const U c_hi = B::from_f(s_hi);
+  const float d_hi = B::to_f(c_hi) - s_hi;  // exact
   hi = select_bits<U>(d_hi < e_hi, c_hi, step_bits<scalar_t>(c_hi, -1));
 }
 
@@ -345,10 +327,10 @@ FTOPS_HD typename FBits<scalar_t>::U zo_undo_bits(typename FBits<scalar_t>::U pb
   const acc_t half_down = down_raw - down_raw == acc_t(0) ? down_raw : up_raw;
   const acc_t half_up = up_raw - up_raw == acc_t(0) ? up_raw : down_raw;
   U lo, hi;
-  if constexpr (std::is_same_v<scalar_t, double>) {
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
     preimage_range_by_search<scalar_t, acc_t>(pb, pv, half_down, half_up, a, lo, hi);
   } else {
-    preimage_range_by_thresholds<scalar_t, acc_t>(pv, half_down, half_up, a, lo, hi);
+    preimage_range_by_thresholds<scalar_t>(pv, half_down, half_up, a, lo, hi);
   }
   // An empty range (p is not a value F produces, e.g. the parameter was changed between the
   // passes) gets the nearest value to p - a; inf and NaN stay as they are.
