@@ -438,7 +438,10 @@ def main(argv=None):
     steps = args.steps or (2 if args.quick else 3) * (4 if cuda else 1)
     warmup = args.warmup or (1 if not cuda else 3)
     mem_steps = 1 if not cuda else 3
-    cycles = args.drift_cycles or (100 if args.quick else 1000)
+    # 1000 cycles as the issue specifies, also with --quick (on 2^15 elements it costs seconds):
+    # ftops' drift settles within the first cycles while the reference's keeps growing, so
+    # fewer cycles would compare an early snapshot.
+    cycles = args.drift_cycles or 1000
     # 1000 cycles on 2^20 elements cost ~4 minutes on 2 CPU cores (mostly the reference's
     # torch.normal), so the CPU default is 2^17 elements; pass --drift-numel 1048576 for 1M.
     drift_numel = args.drift_numel or ((1 << 15) if args.quick else (1 << 17) if not cuda else (1 << 20))

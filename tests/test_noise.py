@@ -12,6 +12,9 @@ What is checked:
 - CUDA against CPU (only where CUDA exists).
 """
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -137,6 +140,42 @@ def test_bits_match_reference(seed, index):
     assert got.dtype == torch.int64 and got.shape == (n,)
     assert int(got.min()) >= 0 and int(got.max()) < 2**32
     assert torch.equal(got, ref_words(seed, index, n))
+
+
+def ref_words_at(seed, index, offset, n):
+    """ref_words for elements offset .. offset + n - 1 of the tensor (any offset, past 2^34 too)."""
+    seed64 = seed & 0xFFFFFFFFFFFFFFFF
+    g = np.arange(offset // 4, (offset + n + 3) // 4, dtype=np.uint64)
+    zero = np.zeros_like(g)
+    w = philox4x32_10(
+        (g & MASK32, g >> np.uint64(32), zero + np.uint64(index), zero),
+        (seed64 & 0xFFFFFFFF, seed64 >> 32),
+    )
+    flat = np.stack(w, axis=1).reshape(-1)
+    return torch.from_numpy(flat[offset % 4 : offset % 4 + n].astype(np.int64))
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
+def test_every_cpu_philox_path_gives_the_reference_words(isa):
+    """csrc/cpu/philox_simd.h computes Philox with AVX-512 or AVX2 intrinsics (picked at run
+    time): each path, forced with FTOPS_PHILOX (capped at what this CPU has), gives the reference
+    words, at offsets whose group index needs the counter's high word too."""
+    cases = [(12345, 7, 0, 4097 + 2), (2**63 - 1, 3, 2**36 + 3, 1000), (-5, 2**32 - 1, 2**34 - 130, 777)]
+    code = (
+        "import sys, torch, ftops\n"
+        "for seed, index, offset, n in %r:\n"
+        "    w = ftops._ops.zo_noise_bits(torch.empty(n), seed, index, offset)\n"
+        "    sys.stdout.write(','.join(map(str, w.tolist())) + '\\n')\n" % (cases,)
+    )
+    env = dict(os.environ, FTOPS_PHILOX=isa)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == len(cases)
+    for (seed, index, offset, n), line in zip(cases, lines):
+        got = torch.tensor([int(v) for v in line.split(",")], dtype=torch.int64)
+        assert torch.equal(got, ref_words_at(seed, index, offset, n)), (isa, seed, index, offset)
 
 
 def test_bits_flattened_and_layout_independent():

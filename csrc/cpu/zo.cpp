@@ -20,6 +20,7 @@
 #include "../common/dispatch.h"
 #include "../common/zo_args.h"
 #include "multi_tensor.h"
+#include "philox_simd.h"
 #include "../common/zo_undo.h"
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -33,17 +34,14 @@
 namespace ftops {
 namespace {
 
-constexpr int64_t kGroups = 16;               // Philox evaluations per block
+constexpr int64_t kGroups = 16;               // Philox evaluations per block (philox_block16)
 constexpr int64_t kBlock = 4 * kGroups;       // elements per block
 
 // 64 normals for elements [64*b, 64*b + 64) of the tensor keyed by `key`.
 inline __attribute__((always_inline)) void block_normals(const NoiseKey& key, int64_t b,
                                                          float* __restrict out) {
-  uint32_t w0[kGroups], w1[kGroups], w2[kGroups], w3[kGroups];
-  const uint64_t g0 = static_cast<uint64_t>(b) * kGroups;
-  for (int64_t j = 0; j < kGroups; ++j) {
-    noise_words(key, g0 + j, w0[j], w1[j], w2[j], w3[j]);
-  }
+  alignas(64) uint32_t w0[kGroups], w1[kGroups], w2[kGroups], w3[kGroups];
+  philox_block16(key, static_cast<uint64_t>(b) * kGroups, w0, w1, w2, w3);
   float n0[kGroups], n1[kGroups], n2[kGroups], n3[kGroups];
   for (int64_t j = 0; j < kGroups; ++j) {
     box_muller(w0[j], w1[j], n0[j], n1[j]);
@@ -59,9 +57,13 @@ inline __attribute__((always_inline)) void block_normals(const NoiseKey& key, in
 
 inline __attribute__((always_inline)) void block_words(const NoiseKey& key, int64_t b,
                                                        uint32_t* __restrict out) {
-  const uint64_t g0 = static_cast<uint64_t>(b) * kGroups;
+  alignas(64) uint32_t w0[kGroups], w1[kGroups], w2[kGroups], w3[kGroups];
+  philox_block16(key, static_cast<uint64_t>(b) * kGroups, w0, w1, w2, w3);
   for (int64_t j = 0; j < kGroups; ++j) {
-    noise_words(key, g0 + j, out[4 * j], out[4 * j + 1], out[4 * j + 2], out[4 * j + 3]);
+    out[4 * j] = w0[j];
+    out[4 * j + 1] = w1[j];
+    out[4 * j + 2] = w2[j];
+    out[4 * j + 3] = w3[j];
   }
 }
 
