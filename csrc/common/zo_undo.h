@@ -17,7 +17,9 @@
 //    information moves to a nearby coarse grid point and stays there, instead of random-walking
 //    over many perturb/undo cycles (bench/bench_mezo.py measures this drift);
 //  * a p that F cannot produce (the range is empty: the parameter changed between the passes)
-//    gives the nearest value to p - a; inf and NaN stay.
+//    gives the nearest value to p - a; NaN stays;
+//  * p = +-inf (a perturbation overflowed) gets the simplest finite value that overflows to it,
+//    if there is one (else it stays inf).
 //
 // Everything is IEEE +, -, *, compares and integer ops on the bit patterns, with no contraction
 // into FMAs (CPU: -ffp-contract=off; CUDA: --fmad=false), so CPU and CUDA agree bit for bit.
@@ -41,6 +43,7 @@ template <>
 struct FBits<float> {
   using U = uint32_t;
   static constexpr U kSign = 0x80000000u;
+  static constexpr U kInf = 0x7f800000u;
   FTOPS_HD static U get(float x) { return float_to_bits(x); }
   FTOPS_HD static float make(U b) { return bits_to_float(b); }
   FTOPS_HD static float to_f(U b) { return bits_to_float(b); }
@@ -51,6 +54,7 @@ template <>
 struct FBits<double> {
   using U = uint64_t;
   static constexpr U kSign = 0x8000000000000000ull;
+  static constexpr U kInf = 0x7ff0000000000000ull;
   FTOPS_HD static U get(double x) {
 #if defined(__CUDA_ARCH__)
     return static_cast<U>(__double_as_longlong(x));
@@ -123,6 +127,7 @@ template <>
 struct FBits<c10::Half> {
   using U = uint16_t;
   static constexpr U kSign = 0x8000u;
+  static constexpr U kInf = 0x7c00u;
   FTOPS_HD static U get(c10::Half x) { return x.x; }
   FTOPS_HD static c10::Half make(U b) { return c10::Half(b, c10::Half::from_bits()); }
   FTOPS_HD static float to_f(U b) { return half_bits_to_float(b); }
@@ -133,6 +138,7 @@ template <>
 struct FBits<c10::BFloat16> {
   using U = uint16_t;
   static constexpr U kSign = 0x8000u;
+  static constexpr U kInf = 0x7f80u;
   FTOPS_HD static U get(c10::BFloat16 x) { return x.x; }
   FTOPS_HD static c10::BFloat16 make(U b) { return c10::BFloat16(b, c10::BFloat16::from_bits()); }
   FTOPS_HD static float to_f(U b) { return bf16_bits_to_float(b); }
@@ -315,9 +321,15 @@ FTOPS_HD void preimage_range_by_thresholds(float pv, float half_down, float half
 // F is monotone, so its preimages of p form a range [lo, hi]; the result is the range's
 // simplest member. Branch-free.
 template <typename scalar_t, typename acc_t>
-FTOPS_HD typename FBits<scalar_t>::U zo_undo_bits(typename FBits<scalar_t>::U pb, acc_t a) {
+FTOPS_HD typename FBits<scalar_t>::U zo_undo_bits(typename FBits<scalar_t>::U pb_in, acc_t a) {
   using B = FBits<scalar_t>;
   using U = typename B::U;
+  constexpr U kMax = static_cast<U>(B::kInf - 1u), kNegMax = static_cast<U>(kMax | B::kSign);
+  // +-inf is what a perturbation that overflowed produced: its finite preimages are the values
+  // above the range of +-max, up to +-max. Work on +-max and extend below.
+  const bool pos_inf = pb_in == B::kInf;
+  const bool neg_inf = pb_in == static_cast<U>(B::kInf | B::kSign);
+  const U pb = select_bits<U>(pos_inf, kMax, select_bits<U>(neg_inf, kNegMax, pb_in));
   const acc_t pv = B::to_f(pb);
   const acc_t below = B::to_f(step_bits<scalar_t>(pb, -1));
   const acc_t above = B::to_f(step_bits<scalar_t>(pb, 1));
@@ -332,18 +344,29 @@ FTOPS_HD typename FBits<scalar_t>::U zo_undo_bits(typename FBits<scalar_t>::U pb
   } else {
     preimage_range_by_thresholds<scalar_t>(pv, half_down, half_up, a, lo, hi);
   }
+  const U lo_inf = select_bits<U>(pos_inf, step_bits<scalar_t>(hi, 1), select_bits<U>(neg_inf, kNegMax, lo));
+  const U hi_inf = select_bits<U>(pos_inf, kMax, select_bits<U>(neg_inf, step_bits<scalar_t>(lo, -1), hi));
   // An empty range (p is not a value F produces, e.g. the parameter was changed between the
-  // passes) gets the nearest value to p - a; inf and NaN stay as they are.
-  const bool found = ordinal<scalar_t>(lo) <= ordinal<scalar_t>(hi);
-  const U r = select_bits<U>(found, simplest_bits<scalar_t>(lo, hi), B::from_f(pv - a));
-  return select_bits<U>(pv - pv == acc_t(0), r, pb);
+  // passes) gets the nearest value to p - a (inf: stays); NaN stays.
+  const bool found = ordinal<scalar_t>(lo_inf) <= ordinal<scalar_t>(hi_inf);
+  const U r = select_bits<U>(found, simplest_bits<scalar_t>(lo_inf, hi_inf),
+                             select_bits<U>(pos_inf | neg_inf, pb_in, B::from_f(pv - a)));
+  const acc_t p_in = B::to_f(pb_in);
+  return select_bits<U>(p_in == p_in, r, pb_in);
+}
+
+// d * v, but 0 when d is 0 even for v = +-inf (0 * inf is NaN: without this an inf weight
+// turned NaN at any pass without weight decay). The same value for every finite v.
+template <typename acc_t>
+FTOPS_HD acc_t decay_term(acc_t d, acc_t v) {
+  return d == acc_t(0) ? acc_t(0) : d * v;
 }
 
 // The pass's own change from the recovered value v: v + (acc - d v), rounded once, either to
 // nearest even (as zo_axpby_) or with ties up (a perturbation that a later pass will undo).
 template <typename scalar_t, typename acc_t, bool kInvertible>
 FTOPS_HD typename FBits<scalar_t>::U zo_apply_bits(acc_t v, acc_t acc, acc_t d) {
-  const acc_t t = acc - d * v;
+  const acc_t t = acc - decay_term<acc_t>(d, v);
   if constexpr (kInvertible) {
     return round_up_ties_bits<scalar_t, acc_t>(v, t);
   } else {

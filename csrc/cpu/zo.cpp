@@ -134,7 +134,7 @@ FTOPS_CLONES void axpby_blocks(scalar_t* p, Span sp, const NoiseKey* keys, const
     auto* q = reinterpret_cast<typename B::U*>(p + sp.local(b, lo));
     for (int64_t j = 0; j < n; ++j) {
       const acc_t v = B::to_f(q[j]);
-      q[j] = B::from_f(v + (acc[j] - d * v));
+      q[j] = B::from_f(v + (acc[j] - decay_term<acc_t>(d, v)));
     }
   }
 }

@@ -107,7 +107,7 @@ __global__ void zo_axpby_kernel(const ZoLaunch args) {
     const acc_t d = static_cast<acc_t>(args.decay[at.k]);
     update_group<scalar_t>(args, at, [&](int j, scalar_t x) {
       const acc_t v = static_cast<acc_t>(x);
-      return static_cast<scalar_t>(v + (acc[j] - d * v));
+      return static_cast<scalar_t>(v + (acc[j] - decay_term<acc_t>(d, v)));
     });
   }
 }
