@@ -234,6 +234,17 @@ FTOPS_HD auto ordinal(typename FBits<T>::U b) {
   return static_cast<S>((mag ^ -neg) + neg);  // neg ? -mag : mag
 }
 
+// Value order of two patterns that are not NaN (-0 == +0): float32/float64 compare as floats
+// (a free reinterpretation), the half types as ordinals (cheaper than widening).
+template <typename T>
+FTOPS_HD bool value_le(typename FBits<T>::U x, typename FBits<T>::U y) {
+  if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+    return FBits<T>::to_f(x) <= FBits<T>::to_f(y);
+  } else {
+    return ordinal<T>(x) <= ordinal<T>(y);
+  }
+}
+
 // The simplest value with a pattern in [lo, hi] (lo <= hi in value order): +0 if the range
 // holds 0, else the magnitude with the most trailing zero bits (a coarsest grid point; a
 // power of two beats its binade), with the range's sign. In a range of magnitudes [A, B]
@@ -243,14 +254,13 @@ template <typename T>
 FTOPS_HD typename FBits<T>::U simplest_bits(typename FBits<T>::U lo, typename FBits<T>::U hi) {
   using U = typename FBits<T>::U;
   constexpr U S = FBits<T>::kSign;
-  const auto lo_o = ordinal<T>(lo), hi_o = ordinal<T>(hi);
   const U lo_mag = static_cast<U>(lo & static_cast<U>(~S));
   const U hi_mag = static_cast<U>(hi & static_cast<U>(~S));
-  // (compares of ordinals, not tests of sign bits: a bool made from an integer's bit stops
+  // (compares of values, not tests of sign bits: a bool made from an integer's bit stops
   // GCC's vectorizer)
-  const bool has_zero = (lo_o <= 0) & (hi_o >= 0);
+  const bool has_zero = value_le<T>(lo, U(0)) & value_le<T>(U(0), hi);
   // same sign otherwise: magnitudes A <= B
-  const bool negative = hi_o < 0;
+  const bool negative = !value_le<T>(U(0), hi);
   const U a = select_bits<U>(negative, hi_mag, lo_mag);
   const U b = select_bits<U>(negative, lo_mag, hi_mag);
   U m = static_cast<U>(a ^ b);  // smear the highest differing bit downwards
@@ -265,29 +275,24 @@ FTOPS_HD typename FBits<T>::U simplest_bits(typename FBits<T>::U lo, typename FB
   return select_bits<U>(has_zero, U(0), static_cast<U>(mag | (hi & S)));
 }
 
-// F(t) as an ordinal.
-template <typename scalar_t, typename acc_t>
-FTOPS_HD auto f_ordinal(typename FBits<scalar_t>::U t, acc_t a) {
-  return ordinal<scalar_t>(round_up_ties_bits<scalar_t, acc_t>(FBits<scalar_t>::to_f(t), a));
-}
-
 // The preimage range of p for float32/float64, where F rounds in T itself. The thresholds
 // B = (p - a) -+ half a spacing are computed with both subtractions' errors carried (TwoSum),
 // so g = the T nearest B is floor(B) or ceil(B): the sum of the carried errors is rounded only
 // where it is far below B's spacing, and where B nearly cancels every step is exact (Sterbenz).
 // One evaluation of F per end then decides between g and its neighbour.
 template <typename scalar_t, typename acc_t>
-FTOPS_HD void preimage_range_by_search(typename FBits<scalar_t>::U pb, acc_t pv, acc_t half_down,
-                                       acc_t half_up, acc_t a, typename FBits<scalar_t>::U& lo,
+FTOPS_HD void preimage_range_by_search(typename FBits<scalar_t>::U pb, acc_t pv, acc_t off_lo,
+                                       acc_t off_hi, acc_t a, typename FBits<scalar_t>::U& lo,
                                        typename FBits<scalar_t>::U& hi) {
   using U = typename FBits<scalar_t>::U;
-  const auto po = ordinal<scalar_t>(pb);
   // lo = the least t with F(t) >= p (t >= B_lo)
-  const U gl = nearest_bits<scalar_t, acc_t>(pv, -half_down, a);
-  lo = select_bits<U>(f_ordinal<scalar_t>(gl, a) >= po, gl, step_bits<scalar_t>(gl, 1));
+  const U gl = nearest_bits<scalar_t, acc_t>(pv, off_lo, a);
+  const U f_gl = round_up_ties_bits<scalar_t, acc_t>(FBits<scalar_t>::to_f(gl), a);
+  lo = select_bits<U>(value_le<scalar_t>(pb, f_gl), gl, step_bits<scalar_t>(gl, 1));
   // hi = the greatest t with F(t) <= p (t < B_hi)
-  const U gh = nearest_bits<scalar_t, acc_t>(pv, half_up, a);
-  hi = select_bits<U>(f_ordinal<scalar_t>(gh, a) <= po, gh, step_bits<scalar_t>(gh, -1));
+  const U gh = nearest_bits<scalar_t, acc_t>(pv, off_hi, a);
+  const U f_gh = round_up_ties_bits<scalar_t, acc_t>(FBits<scalar_t>::to_f(gh), a);
+  hi = select_bits<U>(value_le<scalar_t>(f_gh, pb), gh, step_bits<scalar_t>(gh, -1));
 }
 
 // The preimage range of p for the half types, from its thresholds directly: F(t) >= p iff
@@ -298,18 +303,18 @@ FTOPS_HD void preimage_range_by_search(typename FBits<scalar_t>::U pb, acc_t pv,
 // c - s >= e (c - s is exact) and the next value up otherwise, and the greatest T < B is c when
 // c - s < e and the next value down otherwise. No evaluation of F.
 template <typename scalar_t>
-FTOPS_HD void preimage_range_by_thresholds(float pv, float half_down, float half_up, float a,
+FTOPS_HD void preimage_range_by_thresholds(float pv, float off_lo, float off_hi, float a,
                                            typename FBits<scalar_t>::U& lo,
                                            typename FBits<scalar_t>::U& hi) {
   using U = typename FBits<scalar_t>::U;
   using B = FBits<scalar_t>;
-  const float m_lo = pv - half_down;  // exact
+  const float m_lo = pv + off_lo;  // exact
   const float s_lo = m_lo - a;
   const float e_lo = two_sum_err<float>(m_lo, -a, s_lo);
   const U c_lo = B::from_f(s_lo);
   const float d_lo = B::to_f(c_lo) - s_lo;  // exact
   lo = select_bits<U>(d_lo >= e_lo, c_lo, step_bits<scalar_t>(c_lo, 1));
-  const float m_hi = pv + half_up;  // exact
+  const float m_hi = pv + off_hi;  // exact
   const float s_hi = m_hi - a;
   const float e_hi = two_sum_err<float>(m_hi, -a, s_hi);
   const U c_hi = B::from_f(s_hi);
@@ -325,8 +330,8 @@ FTOPS_HD typename FBits<scalar_t>::U zo_undo_bits(typename FBits<scalar_t>::U pb
   using B = FBits<scalar_t>;
   using U = typename B::U;
   constexpr U kMax = static_cast<U>(B::kInf - 1u), kNegMax = static_cast<U>(kMax | B::kSign);
-  // +-inf is what a perturbation that overflowed produced: its finite preimages are the values
-  // above the range of +-max, up to +-max. Work on +-max and extend below.
+  // +-inf is what a perturbation that overflowed produced: its finite preimages run from the
+  // overflow threshold (+-max -+ half the spacing there, minus a) to +-max.
   const bool pos_inf = pb_in == B::kInf;
   const bool neg_inf = pb_in == static_cast<U>(B::kInf | B::kSign);
   const U pb = select_bits<U>(pos_inf, kMax, select_bits<U>(neg_inf, kNegMax, pb_in));
@@ -338,17 +343,21 @@ FTOPS_HD typename FBits<scalar_t>::U zo_undo_bits(typename FBits<scalar_t>::U pb
   const acc_t up_raw = (above - pv) * acc_t(0.5);
   const acc_t half_down = down_raw - down_raw == acc_t(0) ? down_raw : up_raw;
   const acc_t half_up = up_raw - up_raw == acc_t(0) ? up_raw : down_raw;
+  // thresholds p - half_down (lower) and p + half_up (upper), or for +inf the lower one at
+  // the overflow threshold above max (for -inf the upper one below -max)
+  const acc_t off_lo = pos_inf ? half_up : -half_down;
+  const acc_t off_hi = neg_inf ? -half_down : half_up;
   U lo, hi;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    preimage_range_by_search<scalar_t, acc_t>(pb, pv, half_down, half_up, a, lo, hi);
+    preimage_range_by_search<scalar_t, acc_t>(pb_in, pv, off_lo, off_hi, a, lo, hi);
   } else {
-    preimage_range_by_thresholds<scalar_t>(pv, half_down, half_up, a, lo, hi);
+    preimage_range_by_thresholds<scalar_t>(pv, off_lo, off_hi, a, lo, hi);
   }
-  const U lo_inf = select_bits<U>(pos_inf, step_bits<scalar_t>(hi, 1), select_bits<U>(neg_inf, kNegMax, lo));
-  const U hi_inf = select_bits<U>(pos_inf, kMax, select_bits<U>(neg_inf, step_bits<scalar_t>(lo, -1), hi));
+  const U lo_inf = select_bits<U>(neg_inf, kNegMax, lo);
+  const U hi_inf = select_bits<U>(pos_inf, kMax, hi);
   // An empty range (p is not a value F produces, e.g. the parameter was changed between the
   // passes) gets the nearest value to p - a (inf: stays); NaN stays.
-  const bool found = ordinal<scalar_t>(lo_inf) <= ordinal<scalar_t>(hi_inf);
+  const bool found = value_le<scalar_t>(lo_inf, hi_inf);
   const U r = select_bits<U>(found, simplest_bits<scalar_t>(lo_inf, hi_inf),
                              select_bits<U>(pos_inf | neg_inf, pb_in, B::from_f(pv - a)));
   const acc_t p_in = B::to_f(pb_in);
