@@ -13,11 +13,11 @@ import io
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import ftops
+from _models import Block
 from ftops import s2ft
 
 try:
@@ -29,49 +29,6 @@ needs_hf = pytest.mark.skipif(transformers is None, reason="transformers is not 
 HIDDEN, INTER, VOCAB = 48, 80, 61
 
 
-class MiniAttention(nn.Module):
-    def __init__(self, hidden, heads, kv_heads, head_dim, bias):
-        super().__init__()
-        self.head_dim = head_dim
-        self.q_proj = nn.Linear(hidden, heads * head_dim, bias=bias)
-        self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
-        self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=bias)
-        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=bias)
-
-    def forward(self, x):
-        b, t, _ = x.shape
-        q, k, v = (p(x).view(b, t, -1, self.head_dim).transpose(1, 2)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))
-        rep = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.o_proj(a.transpose(1, 2).reshape(b, t, -1))
-
-
-class MiniMLP(nn.Module):
-    def __init__(self, hidden, inter, bias):
-        super().__init__()
-        self.gate_proj = nn.Linear(hidden, inter, bias=bias)
-        self.up_proj = nn.Linear(hidden, inter, bias=bias)
-        self.down_proj = nn.Linear(inter, hidden, bias=bias)
-
-    def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-class MiniBlock(nn.Module):
-    def __init__(self, hidden, heads, kv_heads, head_dim, inter, bias):
-        super().__init__()
-        self.input_layernorm = nn.LayerNorm(hidden)
-        self.self_attn = MiniAttention(hidden, heads, kv_heads, head_dim, bias)
-        self.post_attention_layernorm = nn.LayerNorm(hidden)
-        self.mlp = MiniMLP(hidden, inter, bias)
-
-    def forward(self, x):
-        x = x + self.self_attn(self.input_layernorm(x))
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-
 class MiniLlama(nn.Module):
     """Llama-style decoder in plain PyTorch, with the module paths of transformers' Llama."""
 
@@ -81,7 +38,7 @@ class MiniLlama(nn.Module):
         self.model = nn.Module()
         self.model.embed_tokens = nn.Embedding(VOCAB, hidden)
         self.model.layers = nn.ModuleList(
-            MiniBlock(hidden, heads, kv_heads, head_dim, inter, bias) for _ in range(layers))
+            Block(hidden, heads, inter, head_dim, bias, kv_heads) for _ in range(layers))
         self.model.norm = nn.LayerNorm(hidden)
         self.lm_head = nn.Linear(hidden, VOCAB, bias=False)
 
