@@ -19,7 +19,7 @@ What is measured (issue 2, section 6):
   CUDA: ``torch.cuda.max_memory_allocated()`` over the measured steps (stats reset after warm-up)
   minus ``torch.cuda.memory_allocated()`` with only the weights allocated.
   Reported as bytes and as % of the largest parameter (target: ftops <= 1%).
-* Per-pass time (``--pass-numel``, default 2^21 elements on CPU, 2^24 on CUDA; 0 skips it): each
+* Per-pass time (``--pass-numel``, default 2^21 elements on CPU, 2^26 on CUDA; 0 skips it): each
   kind of MeZO pass (perturbation, exact undo fused with the next perturbation, plain
   ``zo_axpby_``) on one tensor, per dtype and, on CPU, with 1 thread and with all threads, as a
   ratio to the same pass in float32 (the half types must not fall off the vectorized path).
@@ -502,7 +502,7 @@ def main(argv=None):
             entry["reference_over_floor"] = ref["median_s"] / floor
         results["timing"][dt] = entry
 
-    pass_numel = (1 << 24 if cuda else 1 << 21) if args.pass_numel is None else args.pass_numel
+    pass_numel = (1 << 26 if cuda else 1 << 21) if args.pass_numel is None else args.pass_numel
     if pass_numel:
         # each pass kind per dtype (and per thread count on CPU), against float32's same pass
         threads = sorted({1, info["threads"]})
@@ -512,8 +512,11 @@ def main(argv=None):
         for key, t in pt.items():
             name, dt, th = key.split("/")
             ratio = t / pt[f"{name}/float32/{th}"]
+            # on CUDA also the ratio to one read + write of the tensor at copy bandwidth
+            floor = (f"  {t * info['copy_bandwidth_Bps'] / (2 * pass_numel * DTYPES[dt].itemsize):5.2f}x floor"
+                     if cuda else "")
             print(f"    {name:13s} {dt:9s} threads={th:>2s}: {t * 1e3:8.2f} ms "
-                  f"{pass_numel / t / 1e6:8.1f} Melem/s  {ratio:5.2f}x")
+                  f"{pass_numel / t / 1e6:8.1f} Melem/s  {ratio:5.2f}x{floor}")
 
     for dt in ("bfloat16", "float16"):
         entry = {}
