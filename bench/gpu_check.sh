@@ -55,10 +55,19 @@ start=$(date +%s)
 tests_to=$(cap ${TESTS_TIMEOUT:-200} 120)
 if (cd /tmp && $PY -c "import xdist, pytest_timeout" 2>/dev/null); then
   # pytest-xdist: a crashing test takes down one worker, is reported by name, and the rest go on.
-  (cd /tmp && timeout "$tests_to" $PY -m pytest -q --no-header -p no:cacheprovider -n ${TEST_WORKERS:-12} \
-      --timeout 120 -rfE --ignore="$REPO/tests/test_wheel.py" "$REPO/tests" 2>&1) > "$OUTDIR/tests.log"
+  # Each worker gets its share of the cores: with torch's default (all cores per process) the
+  # workers' spinning OpenMP threads starve each other. 2026-11-26: 16 workers x 16 threads on
+  # the H100 machine made CPU tests of 0.3 s hit the 120 s timeout; on 2 cores, 4 processes x 2
+  # threads made a loop of small matmuls 700x slower. -v: a killed run still names its results.
+  workers=${TEST_WORKERS:-$(( $(nproc) / 2 > 0 ? $(nproc) / 2 : 1 ))}
+  per=$(( $(nproc) / workers > 0 ? $(nproc) / workers : 1 ))
+  (cd /tmp && OMP_NUM_THREADS=$per MKL_NUM_THREADS=$per TORCHINDUCTOR_COMPILE_THREADS=1 \
+      timeout "$tests_to" $PY -m pytest -v --no-header -p no:cacheprovider -p no:benchmark -n "$workers" \
+      --timeout 120 -rfE --tb=short --durations=10 --ignore="$REPO/tests/test_wheel.py" "$REPO/tests" 2>&1) \
+      > "$OUTDIR/tests.log"
   rc=$?
   grep -E '^(FAILED|ERROR) ' "$OUTDIR/tests.log" | cut -c1-200 | head -40
+  [ "$rc" -eq 124 ] && grep -E ' (FAILED|ERROR) ' "$OUTDIR/tests.log" | cut -c1-200 | head -40
   line=$(grep -E '^=+ .*(passed|failed|error).* =+$' "$OUTDIR/tests.log" | tail -1)
   [ -n "$line" ] || line="NO SUMMARY (rc=$rc; timeout was ${tests_to} s): $(tail -1 "$OUTDIR/tests.log" | cut -c1-150)"
   summary+=("tests (xdist): $line")

@@ -116,8 +116,11 @@ class MeZOTrainer(Trainer):
     def _loss_is_scaled(self, num_items_in_batch) -> bool:
         """Whether compute_loss already divides by the window's token count (then the window's
         loss is the sum over its micro-batches), by the Trainer's own rule."""
-        if self.loss_is_scaled_for_ga is not None:
-            return bool(self.loss_is_scaled_for_ga)
+        # `loss_is_scaled_for_ga` (a user override) is new in transformers 5.2x; older Trainers
+        # (5.17 on our GPU machines) lack it and apply the rule below
+        override = getattr(self, "loss_is_scaled_for_ga", None)
+        if override is not None:
+            return bool(override)
         return bool((self.model_accepts_loss_kwargs and num_items_in_batch is not None)
                     or self.compute_loss_func is not None)
 
