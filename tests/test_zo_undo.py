@@ -62,12 +62,18 @@ def round_up_ties(v, t, dtype):
     up, down = step(s, 1), step(s, -1)
     half_up = (up.to(v.dtype) - s.to(v.dtype)) / 2
     half_down = (s.to(v.dtype) - down.to(v.dtype)) / 2
-    # y on a midpoint: the exact sum y + err lies on the side of err (>= 0: up); an overflow
-    # to +-inf stays (inf arithmetic would fake a midpoint there)
+    # y on a midpoint: the exact sum y + err lies on the side of err (>= 0: up). Past the
+    # largest value s is +-inf and inf arithmetic would fake a midpoint: there y is a midpoint
+    # iff it is the overflow threshold max + half a spacing (or its mirror).
     finite = torch.isfinite(s)
     to_up = (e == half_up) & (err >= 0) & finite
     to_down = (e == -half_down) & (err < 0) & finite
-    return torch.where(to_up, up, torch.where(to_down, down, s))
+    big = torch.tensor(torch.finfo(dtype).max, dtype=dtype)
+    threshold = big.to(v.dtype) + (big.to(v.dtype) - step(big, -1).to(v.dtype)) / 2
+    top = (y == threshold) & (err < 0)  # just below the threshold: the largest value
+    bottom = (y == -threshold) & (err >= 0)  # on or just above its mirror: ties go up
+    r = torch.where(to_up, up, torch.where(to_down, down, s))
+    return torch.where(top, big.to(r.device), torch.where(bottom, -big.to(r.device), r))
 
 
 def offset(p, seed, index, u):
@@ -450,6 +456,46 @@ def test_perturbation_rounds_the_exact_sum(dtype):
         misses += dtype != torch.float32 and y == float(mid[i]) and Fraction(y) != x
     if dtype == torch.bfloat16:
         assert misses > 0  # the case is exercised (2 elements with these seeds)
+
+
+def _coeff_for_offset(z, want, accept):
+    """A float32 coefficient u with fl(u * z) accepted by `accept`, searched near want / z."""
+    u0 = torch.tensor(want, dtype=torch.float32) / z
+    for k in sorted(range(-64, 65), key=abs):
+        u = step(u0, k)
+        if accept(float(u * z)):
+            return float(u)
+    raise AssertionError(f"no coefficient found for {want}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_perturbation_rounds_the_exact_sum_at_overflow(device, dtype):
+    """At the midpoint past the largest value (65520 in float16) the float32 sum can land on the
+    midpoint while the exact sum is a hair below it (then the result is the largest value, not
+    inf), and at the mirror an exact tie goes up to -max (ties toward +inf), not to -inf. Both
+    went to inf before. The undo of each result is a preimage."""
+    big = torch.tensor(torch.finfo(dtype).max, dtype=dtype)
+    half = (big.double() - step(big, -1).double()).item() / 2
+    threshold = big.double().item() + half
+    ulp = (step(torch.tensor(threshold, dtype=torch.float32), 1).double().item() - threshold)
+    z = _ops.zo_noise(torch.zeros(1), 41, 0)[0]
+    cases = [  # (t, the wanted float32 a, accept(a), expected result)
+        (big, half, lambda a: threshold - ulp / 2 < big.double().item() + a < threshold, big),
+        (big, half, lambda a: big.double().item() + a == threshold, torch.tensor(float("inf"), dtype=dtype)),
+        (-big, -half, lambda a: -big.double().item() + a == -threshold, -big),
+        (-big, -half, lambda a: -threshold - ulp / 2 < -big.double().item() + a < -threshold,
+         torch.tensor(float("-inf"), dtype=dtype)),
+    ]
+    for t, want, accept, expected in cases:
+        u = _coeff_for_offset(z, want, accept)
+        a = offset(torch.zeros(1, dtype=dtype), 41, 0, u)
+        assert float(t.float() + a) in (threshold, -threshold)  # the float32 sum is the midpoint
+        p = t.reshape(1).clone().to(device)
+        _ops.zo_undo_axpby_([p], 41, [0.0], [41], [0], [u], [0.0], True)
+        assert bits(p).item() == bits(expected.reshape(1)).item(), (float(t), u)
+        assert bits(F(t.reshape(1), a)).item() == bits(expected.reshape(1)).item()
+        undo_only(p, 41, 0, u)
+        assert bits(F(p.cpu(), a)).item() == bits(expected.reshape(1)).item()
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16], ids=str)

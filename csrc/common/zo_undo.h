@@ -77,12 +77,16 @@ struct FBits<double> {
   FTOPS_HD static U from_f(double f) { return get(f); }
 };
 
-// c ? x : y on bit patterns (any unsigned type), as mask arithmetic. In the long loops of the
-// undo GCC (12) threads jumps through `?:` selects (the NaN tests especially) and the loops,
-// with branches inside, no longer vectorize; the mask form stays branch-free. Same value.
+// c ? x : y on bit patterns (any unsigned type); on the CPU as mask arithmetic. In the long
+// loops of the undo GCC (12) threads jumps through `?:` selects (the NaN tests especially) and
+// the loops, with branches inside, no longer vectorize; the mask form stays branch-free.
 template <typename U>
 FTOPS_HD U select_bits(bool c, U x, U y) {
+#if defined(__CUDA_ARCH__)
+  return c ? x : y;  // one SEL; the mask form costs three instructions on the GPU
+#else
   return static_cast<U>(y ^ ((x ^ y) & static_cast<U>(U(0) - static_cast<U>(c))));
+#endif
 }
 
 // Conversions between the half types' bits and float32, branch-free (so that the CPU loops
@@ -166,6 +170,46 @@ FTOPS_HD typename FBits<T>::U step_bits(typename FBits<T>::U b, int k) {
   return static_cast<U>(mag2 | static_cast<U>(neg2 << kTop));
 }
 
+// float32 patterns as int32 in value order (-0 and +0 both 0), and back (0 gives +0).
+FTOPS_HD int32_t ordinal32(float f) {
+  const uint32_t b = float_to_bits(f);
+  const int32_t mag = static_cast<int32_t>(b & 0x7fffffffu);
+  const int32_t neg = static_cast<int32_t>(b >> 31);
+  return (mag ^ -neg) + neg;
+}
+
+FTOPS_HD uint32_t bits_from_ordinal32(int32_t o) {
+  const int32_t neg = static_cast<int32_t>(static_cast<uint32_t>(o) >> 31);
+  return static_cast<uint32_t>((o ^ -neg) + neg) | (static_cast<uint32_t>(neg) << 31);
+}
+
+// bfloat16 is float32 without its low 16 bits, so in float32 ordinals the bfloat16 values are
+// exactly the multiples of 2^16 (the ordinal of a bfloat16 pattern times 2^16), and the
+// midpoint between two neighbours is their ordinal midpoint, binade edges included. Rounding
+// and the undo's thresholds become integer shifts: no conversion, no step to a neighbour.
+FTOPS_HD uint16_t bf16_bits_from_ordinal(int32_t o16) {
+  const int32_t neg = static_cast<int32_t>(static_cast<uint32_t>(o16) >> 31);
+  return static_cast<uint16_t>(static_cast<uint32_t>((o16 ^ -neg) + neg) |
+                               (static_cast<uint32_t>(neg) << 15));
+}
+
+// round(s + err) to bfloat16 with ties toward +infinity, for s + err exact (|err| at most half
+// an ulp of s), on the sign-magnitude bits: the magnitude rounds half up for s > 0 and half down
+// for s < 0 (both toward +inf); only where s is exactly a midpoint can err change that, and then
+// err < 0 means the exact sum lies below it (one step down in value). Overflow is exact too: a
+// sum just below the midpoint past the largest value rounds to it, not to inf. A zero keeps
+// the sign of s (as float32 -> bfloat16 conversion does); NaN gives c10's NaN.
+FTOPS_HD uint16_t bf16_round_up_ties(float s, float err) {
+  const uint32_t b = float_to_bits(s);
+  const uint32_t neg = b >> 31;
+  const uint32_t mag = b & 0x7fffffffu;
+  const uint32_t r = (mag + 0x8000u - neg) >> 16;
+  const bool below_midpoint = ((mag & 0xffffu) == 0x8000u) & (err < 0.0f);
+  const uint32_t down = neg + neg - 1u;  // one step down in value: magnitude +1 if s < 0, else -1
+  const uint32_t bits = (r + select_bits<uint32_t>(below_midpoint, down, 0u)) | (neg << 15);
+  return select_bits<uint16_t>(s != s, 0x7fc0u, static_cast<uint16_t>(bits));
+}
+
 // round(v + t) to scalar_t, to nearest with ties toward +infinity, of the exact sum v + t
 // (TwoSum gives the rounding error of the acc_t sum s exactly). float32/float64: a tie rounded
 // to nearest even went down iff the error is > 0 and s + 2 err is the next value above s. Half
@@ -184,6 +228,8 @@ FTOPS_HD typename FBits<scalar_t>::U round_up_ties_bits(acc_t v, acc_t t) {
     const acc_t w = s + (err + err);
     const bool tie = (err > acc_t(0)) & (w - s == err + err);
     return B::get(tie ? w : s);
+  } else if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    return bf16_round_up_ties(s, err);
   } else {
     const auto sb = B::from_f(s);  // ties to even
     const acc_t sf = B::to_f(sb);
@@ -193,7 +239,13 @@ FTOPS_HD typename FBits<scalar_t>::U round_up_ties_bits(acc_t v, acc_t t) {
     // on a midpoint (or e == 0, where wb == sb): the side of the exact sum decides
     const bool tie = B::to_f(wb) == w;
     const bool to_w = tie & ((e > acc_t(0)) == (err >= acc_t(0)));
-    return select_bits<typename B::U>(to_w, wb, sb);
+    // At the midpoint past the largest value (+-65520) s rounds to inf and the mirror is
+    // inf - inf: the exact sum decides there too (just below 65520 is 65504, -65520 is -65504).
+    static_assert(std::is_same_v<scalar_t, c10::Half>, "float16 is the only other type");
+    const bool top = (s == 65520.0f) & (err < 0.0f);
+    const bool bottom = (s == -65520.0f) & (err >= 0.0f);
+    return select_bits<uint16_t>(top, 0x7bffu, select_bits<uint16_t>(
+        bottom, 0xfbffu, select_bits<uint16_t>(to_w, wb, sb)));
   }
 }
 
@@ -322,11 +374,68 @@ FTOPS_HD void preimage_range_by_thresholds(float pv, float off_lo, float off_hi,
   hi = select_bits<U>(d_hi < e_hi, c_hi, step_bits<scalar_t>(c_hi, -1));
 }
 
+// zo_undo_bits for bfloat16, in float32 ordinals (see bf16_round_up_ties): about half the
+// instructions of the generic path (no conversions, no steps to neighbours), the same result.
+// With P = p's ordinal times 2^16, the thresholds p -+ half a spacing are the float32 values of
+// ordinals P -+ 2^15; for +inf the lower one is the overflow threshold (max + half a spacing),
+// for -inf the upper one its mirror. The preimage interval [m_lo - a, m_hi - a) is held exactly
+// as s + e pairs (TwoSum); its least and greatest bfloat16 are shifts of s's ordinal: s lies
+// strictly between two grid points (e is too small to cross one) unless its low 16 ordinal bits
+// are 0, and then the sign of e decides. The simplest member is taken on ordinals too.
+FTOPS_HD uint16_t bf16_undo_bits(uint16_t pb_in, float a) {
+  constexpr int32_t kMax = 0x7f7f;  // ordinal of the largest finite value
+  const bool pos_inf = pb_in == 0x7f80u;
+  const bool neg_inf = pb_in == 0xff80u;
+  const int32_t op = ordinal<c10::BFloat16>(pb_in) * 65536;  // NaN: replaced at the end
+  const float m_lo = bits_to_float(bits_from_ordinal32(op - 0x8000));
+  const float m_hi = bits_to_float(bits_from_ordinal32(op + 0x8000));
+  // least bfloat16 >= m_lo - a
+  const float s_lo = m_lo - a;
+  const float e_lo = two_sum_err<float>(m_lo, -a, s_lo);
+  const int32_t ol = ordinal32(s_lo);
+  const int32_t lo = (static_cast<int32_t>(static_cast<uint32_t>(ol) + 0xffffu) >> 16) +
+                     static_cast<int32_t>(((ol & 0xffff) == 0) & (e_lo > 0.0f));
+  // greatest bfloat16 < m_hi - a
+  const float s_hi = m_hi - a;
+  const float e_hi = two_sum_err<float>(m_hi, -a, s_hi);
+  const int32_t oh = ordinal32(s_hi);
+  const int32_t hi = (static_cast<int32_t>(static_cast<uint32_t>(oh) - 1u) >> 16) +
+                     static_cast<int32_t>(((oh & 0xffff) == 0) & (e_hi > 0.0f));
+  // (selects as select_bits: GCC turns `?:` on these into branches and the CPU loop stops
+  // vectorizing, 5x slower)
+  const auto sel = [](bool c, int32_t x, int32_t y) {
+    return static_cast<int32_t>(
+        select_bits<uint32_t>(c, static_cast<uint32_t>(x), static_cast<uint32_t>(y)));
+  };
+  const int32_t lo_c = sel(neg_inf, -kMax, lo);
+  const int32_t hi_c = sel(pos_inf, kMax, hi);
+  // simplest member (simplest_bits on ordinals): +0 if the range holds 0, else the magnitude
+  // with the most trailing zero bits between A <= B, with the range's sign
+  const bool has_zero = (lo_c <= 0) & (hi_c >= 0);
+  const bool negative = hi_c < 0;
+  const int32_t A = sel(negative, -hi_c, lo_c);
+  const int32_t B = sel(negative, -lo_c, hi_c);
+  int32_t m = A ^ B;
+  m |= m >> 1;
+  m |= m >> 2;
+  m |= m >> 4;
+  m |= m >> 8;
+  const int32_t mag = sel((A & m) == 0, A, B & ~(m >> 1));
+  const uint16_t r = select_bits<uint16_t>(
+      has_zero, 0u, static_cast<uint16_t>(mag | (static_cast<int32_t>(negative) << 15)));
+  // empty range (p is not a value F produces): the nearest value to p - a (inf stays)
+  const uint16_t empty = select_bits<uint16_t>(
+      pos_inf | neg_inf, pb_in, float_to_bf16_bits(bf16_bits_to_float(pb_in) - a));
+  const bool is_nan = (pb_in & 0x7fffu) > 0x7f80u;
+  return select_bits<uint16_t>(is_nan, pb_in, select_bits<uint16_t>(lo_c <= hi_c, r, empty));
+}
+
 // Recovers t from p = F(t) = round_up_ties(t + a) (see the top of this file); returns the bits.
 // F is monotone, so its preimages of p form a range [lo, hi]; the result is the range's
 // simplest member. Branch-free.
 template <typename scalar_t, typename acc_t>
 FTOPS_HD typename FBits<scalar_t>::U zo_undo_bits(typename FBits<scalar_t>::U pb_in, acc_t a) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) return bf16_undo_bits(pb_in, a);
   using B = FBits<scalar_t>;
   using U = typename B::U;
   constexpr U kMax = static_cast<U>(B::kInf - 1u), kNegMax = static_cast<U>(kMax | B::kSign);
