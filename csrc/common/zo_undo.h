@@ -91,9 +91,10 @@ FTOPS_HD U select_bits(bool c, U x, U y) {
 
 // Conversions between the half types' bits and float32, branch-free (so that the CPU loops
 // vectorize, which c10's conversions with their NaN branches do not) and bit-identical to
-// c10's (IEEE round to nearest even; exact widening). fp16 ones: the FP16 library's
-// algorithms that c10 itself falls back to (they need no denormal flushing, which neither
-// the CPU build nor the CUDA build (no --use_fast_math) enables).
+// c10's (IEEE round to nearest even; exact widening). fp16 ones: on the CPU the FP16 library's
+// algorithms that c10 itself falls back to (they need no denormal flushing, which the CPU build
+// does not enable), on the GPU the hardware conversions (the same values; the undo and the
+// perturbation of fp16 took ~35% fewer instructions).
 FTOPS_HD float bf16_bits_to_float(uint16_t b) { return bits_to_float(static_cast<uint32_t>(b) << 16); }
 
 FTOPS_HD uint16_t float_to_bf16_bits(float f) {
@@ -103,6 +104,15 @@ FTOPS_HD uint16_t float_to_bf16_bits(float f) {
 }
 
 FTOPS_HD float half_bits_to_float(uint16_t h) {
+#if defined(__CUDA_ARCH__)
+  // The GPU has the conversion in hardware (exact; no flushing without .ftz): one instruction
+  // instead of ~12. A NaN may come out with another payload than below, but every use of a NaN
+  // here either returns the input pattern or goes through float arithmetic, whose NaN result
+  // the GPU makes canonical anyway.
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+  return f;
+#else
   const uint32_t w = static_cast<uint32_t>(h) << 16;
   const uint32_t sign = w & 0x80000000u;
   const uint32_t two_w = w + w;
@@ -111,9 +121,17 @@ FTOPS_HD float half_bits_to_float(uint16_t h) {
   const uint32_t mag = select_bits<uint32_t>(two_w < (1u << 27), float_to_bits(denormalized),
                                              float_to_bits(normalized));
   return bits_to_float(sign | mag);
+#endif
 }
 
 FTOPS_HD uint16_t float_to_half_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  // hardware round to nearest even (subnormals kept, overflow to inf, as below); NaN as below
+  uint16_t h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  const uint16_t nan = static_cast<uint16_t>(((float_to_bits(f) >> 16) & 0x8000u) | 0x7e00u);
+  return select_bits<uint16_t>(f != f, nan, h);
+#else
   const uint32_t w = float_to_bits(f);
   float base = (bits_to_float(w & 0x7fffffffu) * 0x1.0p+112f) * 0x1.0p-110f;
   const uint32_t shl1_w = w + w;
@@ -125,6 +143,7 @@ FTOPS_HD uint16_t float_to_half_bits(float f) {
   const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
   return static_cast<uint16_t>((sign >> 16) |
                                select_bits<uint32_t>(shl1_w > 0xFF000000u, 0x7E00u, nonsign));
+#endif
 }
 
 template <>
