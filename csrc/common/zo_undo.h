@@ -189,29 +189,6 @@ FTOPS_HD typename FBits<T>::U step_bits(typename FBits<T>::U b, int k) {
   return static_cast<U>(mag2 | static_cast<U>(neg2 << kTop));
 }
 
-// float32 patterns as int32 in value order (-0 and +0 both 0), and back (0 gives +0).
-FTOPS_HD int32_t ordinal32(float f) {
-  const uint32_t b = float_to_bits(f);
-  const int32_t mag = static_cast<int32_t>(b & 0x7fffffffu);
-  const int32_t neg = static_cast<int32_t>(b >> 31);
-  return (mag ^ -neg) + neg;
-}
-
-FTOPS_HD uint32_t bits_from_ordinal32(int32_t o) {
-  const int32_t neg = static_cast<int32_t>(static_cast<uint32_t>(o) >> 31);
-  return static_cast<uint32_t>((o ^ -neg) + neg) | (static_cast<uint32_t>(neg) << 31);
-}
-
-// bfloat16 is float32 without its low 16 bits, so in float32 ordinals the bfloat16 values are
-// exactly the multiples of 2^16 (the ordinal of a bfloat16 pattern times 2^16), and the
-// midpoint between two neighbours is their ordinal midpoint, binade edges included. Rounding
-// and the undo's thresholds become integer shifts: no conversion, no step to a neighbour.
-FTOPS_HD uint16_t bf16_bits_from_ordinal(int32_t o16) {
-  const int32_t neg = static_cast<int32_t>(static_cast<uint32_t>(o16) >> 31);
-  return static_cast<uint16_t>(static_cast<uint32_t>((o16 ^ -neg) + neg) |
-                               (static_cast<uint32_t>(neg) << 15));
-}
-
 // round(s + err) to bfloat16 with ties toward +infinity, for s + err exact (|err| at most half
 // an ulp of s), on the sign-magnitude bits: the magnitude rounds half up for s > 0 and half down
 // for s < 0 (both toward +inf); only where s is exactly a midpoint can err change that, and then
@@ -305,6 +282,16 @@ FTOPS_HD auto ordinal(typename FBits<T>::U b) {
   return static_cast<S>((mag ^ -neg) + neg);  // neg ? -mag : mag
 }
 
+// The pattern with ordinal o (0 gives +0).
+template <typename T>
+FTOPS_HD typename FBits<T>::U from_ordinal(decltype(ordinal<T>(0)) o) {
+  using U = typename FBits<T>::U;
+  using S = decltype(o);
+  constexpr int kTop = 8 * sizeof(U) - 1;
+  const S neg = static_cast<S>(o < 0);
+  return static_cast<U>(static_cast<U>((o ^ -neg) + neg) | static_cast<U>(static_cast<U>(neg) << kTop));
+}
+
 // Value order of two patterns that are not NaN (-0 == +0): float32/float64 compare as floats
 // (a free reinterpretation), the half types as ordinals (cheaper than widening).
 template <typename T>
@@ -314,6 +301,20 @@ FTOPS_HD bool value_le(typename FBits<T>::U x, typename FBits<T>::U y) {
   } else {
     return ordinal<T>(x) <= ordinal<T>(y);
   }
+}
+
+// The magnitude with the most trailing zero bits in [a, b] (a <= b): b with the bits below the
+// highest bit where a and b differ cleared, or a itself if a is already zero from that bit down.
+template <typename U>
+FTOPS_HD U simplest_magnitude(U a, U b) {
+  U m = static_cast<U>(a ^ b);  // smear the highest differing bit downwards
+  m = static_cast<U>(m | (m >> 1));
+  m = static_cast<U>(m | (m >> 2));
+  m = static_cast<U>(m | (m >> 4));
+  m = static_cast<U>(m | (m >> 8));
+  if constexpr (sizeof(U) > 2) m = static_cast<U>(m | (m >> 16));
+  if constexpr (sizeof(U) > 4) m = static_cast<U>(m | (m >> 32));
+  return select_bits<U>((a & m) == U(0), a, static_cast<U>(b & static_cast<U>(~(m >> 1))));
 }
 
 // The simplest value with a pattern in [lo, hi] (lo <= hi in value order): +0 if the range
@@ -334,16 +335,7 @@ FTOPS_HD typename FBits<T>::U simplest_bits(typename FBits<T>::U lo, typename FB
   const bool negative = !value_le<T>(U(0), hi);
   const U a = select_bits<U>(negative, hi_mag, lo_mag);
   const U b = select_bits<U>(negative, lo_mag, hi_mag);
-  U m = static_cast<U>(a ^ b);  // smear the highest differing bit downwards
-  m = static_cast<U>(m | (m >> 1));
-  m = static_cast<U>(m | (m >> 2));
-  m = static_cast<U>(m | (m >> 4));
-  m = static_cast<U>(m | (m >> 8));
-  if constexpr (sizeof(U) > 2) m = static_cast<U>(m | (m >> 16));
-  if constexpr (sizeof(U) > 4) m = static_cast<U>(m | (m >> 32));
-  const U from_b = static_cast<U>(b & static_cast<U>(~(m >> 1)));
-  const U mag = select_bits<U>((a & m) == U(0), a, from_b);
-  return select_bits<U>(has_zero, U(0), static_cast<U>(mag | (hi & S)));
+  return select_bits<U>(has_zero, U(0), static_cast<U>(simplest_magnitude<U>(a, b) | (hi & S)));
 }
 
 // The preimage range of p for float32/float64, where F rounds in T itself. The thresholds
@@ -393,8 +385,11 @@ FTOPS_HD void preimage_range_by_thresholds(float pv, float off_lo, float off_hi,
   hi = select_bits<U>(d_hi < e_hi, c_hi, step_bits<scalar_t>(c_hi, -1));
 }
 
-// zo_undo_bits for bfloat16, in float32 ordinals (see bf16_round_up_ties): about half the
-// instructions of the generic path (no conversions, no steps to neighbours), the same result.
+// zo_undo_bits for bfloat16, in float32 ordinals: about half the instructions of the generic
+// path (no conversions, no steps to neighbours), the same result. bfloat16 is float32 without
+// its low 16 bits, so in float32 ordinals the bfloat16 values are exactly the multiples of 2^16
+// (a bfloat16 ordinal times 2^16) and the midpoint between neighbours is the ordinal midpoint,
+// binade edges included.
 // With P = p's ordinal times 2^16, the thresholds p -+ half a spacing are the float32 values of
 // ordinals P -+ 2^15; for +inf the lower one is the overflow threshold (max + half a spacing),
 // for -inf the upper one its mirror. The preimage interval [m_lo - a, m_hi - a) is held exactly
@@ -406,18 +401,18 @@ FTOPS_HD uint16_t bf16_undo_bits(uint16_t pb_in, float a) {
   const bool pos_inf = pb_in == 0x7f80u;
   const bool neg_inf = pb_in == 0xff80u;
   const int32_t op = ordinal<c10::BFloat16>(pb_in) * 65536;  // NaN: replaced at the end
-  const float m_lo = bits_to_float(bits_from_ordinal32(op - 0x8000));
-  const float m_hi = bits_to_float(bits_from_ordinal32(op + 0x8000));
+  const float m_lo = bits_to_float(from_ordinal<float>(op - 0x8000));
+  const float m_hi = bits_to_float(from_ordinal<float>(op + 0x8000));
   // least bfloat16 >= m_lo - a
   const float s_lo = m_lo - a;
   const float e_lo = two_sum_err<float>(m_lo, -a, s_lo);
-  const int32_t ol = ordinal32(s_lo);
+  const int32_t ol = ordinal<float>(float_to_bits(s_lo));
   const int32_t lo = (static_cast<int32_t>(static_cast<uint32_t>(ol) + 0xffffu) >> 16) +
                      static_cast<int32_t>(((ol & 0xffff) == 0) & (e_lo > 0.0f));
   // greatest bfloat16 < m_hi - a
   const float s_hi = m_hi - a;
   const float e_hi = two_sum_err<float>(m_hi, -a, s_hi);
-  const int32_t oh = ordinal32(s_hi);
+  const int32_t oh = ordinal<float>(float_to_bits(s_hi));
   const int32_t hi = (static_cast<int32_t>(static_cast<uint32_t>(oh) - 1u) >> 16) +
                      static_cast<int32_t>(((oh & 0xffff) == 0) & (e_hi > 0.0f));
   // (selects as select_bits: GCC turns `?:` on these into branches and the CPU loop stops
@@ -428,20 +423,13 @@ FTOPS_HD uint16_t bf16_undo_bits(uint16_t pb_in, float a) {
   };
   const int32_t lo_c = sel(neg_inf, -kMax, lo);
   const int32_t hi_c = sel(pos_inf, kMax, hi);
-  // simplest member (simplest_bits on ordinals): +0 if the range holds 0, else the magnitude
-  // with the most trailing zero bits between A <= B, with the range's sign
+  // the simplest member as simplest_bits takes it, on ordinals (cheaper than back to patterns)
   const bool has_zero = (lo_c <= 0) & (hi_c >= 0);
   const bool negative = hi_c < 0;
-  const int32_t A = sel(negative, -hi_c, lo_c);
-  const int32_t B = sel(negative, -lo_c, hi_c);
-  int32_t m = A ^ B;
-  m |= m >> 1;
-  m |= m >> 2;
-  m |= m >> 4;
-  m |= m >> 8;
-  const int32_t mag = sel((A & m) == 0, A, B & ~(m >> 1));
+  const auto A = static_cast<uint32_t>(sel(negative, -hi_c, lo_c));  // magnitudes A <= B
+  const auto B = static_cast<uint32_t>(sel(negative, -lo_c, hi_c));
   const uint16_t r = select_bits<uint16_t>(
-      has_zero, 0u, static_cast<uint16_t>(mag | (static_cast<int32_t>(negative) << 15)));
+      has_zero, 0u, static_cast<uint16_t>(simplest_magnitude<uint32_t>(A, B) | (negative << 15)));
   // empty range (p is not a value F produces): the nearest value to p - a (inf stays)
   const uint16_t empty = select_bits<uint16_t>(
       pos_inf | neg_inf, pb_in, float_to_bf16_bits(bf16_bits_to_float(pb_in) - a));
