@@ -289,7 +289,8 @@ FTOPS_HD typename FBits<T>::U from_ordinal(decltype(ordinal<T>(0)) o) {
   using S = decltype(o);
   constexpr int kTop = 8 * sizeof(U) - 1;
   const S neg = static_cast<S>(o < 0);
-  return static_cast<U>(static_cast<U>((o ^ -neg) + neg) | static_cast<U>(static_cast<U>(neg) << kTop));
+  const U mag = static_cast<U>((o ^ -neg) + neg);
+  return static_cast<U>(mag | static_cast<U>(static_cast<U>(neg) << kTop));
 }
 
 // Value order of two patterns that are not NaN (-0 == +0): float32/float64 compare as floats
