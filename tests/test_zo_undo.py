@@ -9,6 +9,9 @@ the neighbours; checked against exact rational arithmetic), find F's preimage ra
 bisection (F is monotone) and decide injectivity by brute force: t is the only preimage of F(t)
 iff F(t - 1 ulp) != F(t) != F(t + 1 ulp).
 """
+import os
+import subprocess
+import sys
 from fractions import Fraction
 
 import pytest
@@ -520,3 +523,47 @@ def test_overflowed_perturbation_is_undone(device, dtype):
     nan = torch.full((5,), float("nan"), dtype=dtype, device=device)
     undo_only(nan, 11, 0, u)
     assert bool(torch.isnan(nan).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_undo_where_the_shortcut_rounding_ties(device, dtype):
+    """Offsets a that put t + a on (or a float32 ulp or two beside) a midpoint of the spacing h
+    around p: a = (m + 1/2) h + d ulp(a), for weights across many binades, each weight its own
+    one-element tensor with its own coefficient (searched so that fl(u z) is that a). Here the
+    shortcut's k = floor(a/h + 1/2) must be exact (a/h + 1/2 itself rounds in float32). Compared
+    with the reference rule; run with FTOPS_ZO_UNDO_SHORTCUT=1 too (test below)."""
+    g = torch.Generator().manual_seed(7)
+    K = 300
+    mags = torch.exp2(torch.randint(-20, 8, (K,), generator=g).double()) * (1 + torch.rand(K, generator=g, dtype=torch.float64))
+    theta = (mags * torch.where(torch.rand(K, generator=g) < 0.5, -1.0, 1.0).double()).to(dtype)
+    h = (step(theta, 1).double() - theta.double()).abs()
+    m = torch.randint(-3, 4, (K,), generator=g).double()
+    d = torch.randint(-2, 3, (K,), generator=g)
+    target = step(((m + 0.5) * h).float(), d)  # float32 offsets at or beside the tie
+    ids = list(range(K))
+    z = torch.stack([_ops.zo_noise(torch.zeros(1), 13, k)[0] for k in ids])
+    u0 = target / z
+    cand = torch.stack([step(u0, j) for j in range(-16, 17)])  # float32 coefficients near u0
+    hit = (cand * z) == target
+    u = torch.where(hit.any(0), cand[hit.int().argmax(0), torch.arange(K)], u0)
+    a = u * z + 0.0  # the kernel's offset, 0 + u * z
+    assert int((a == target).sum()) > K // 2  # most offsets are exactly the wanted ones
+    ps = [F(theta[k : k + 1], a[k : k + 1]).to(device) for k in ids]
+    p_all = torch.cat([q.cpu() for q in ps])
+    _ops.zo_undo_axpby_(ps, 13, [float(v) for v in u], [], ids, [], [0.0] * K)
+    got = torch.cat([q.cpu() for q in ps])
+    assert torch.equal(bits(got), bits(ref_undo(p_all, a)))
+
+
+@pytest.mark.skipif(os.environ.get("FTOPS_ZO_UNDO_SHORTCUT") == "1", reason="already in that mode")
+def test_undo_shortcut_path_gives_the_same_results():
+    """FTOPS_ZO_UNDO_SHORTCUT=1 takes the same-binade shortcut (csrc/common/zo_undo.h) wherever it
+    holds and the exact path elsewhere; on CUDA the warp compacts the exact-path elements. The
+    undo tests of this file, rerun in that mode, must all pass."""
+    env = dict(os.environ, FTOPS_ZO_UNDO_SHORTCUT="1")
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__),
+         "-k", "undo and not shortcut_path"],
+        env=env, capture_output=True, text=True, timeout=600, cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert " passed" in out.stdout

@@ -147,6 +147,7 @@ FTOPS_CLONES void undo_axpby_blocks(scalar_t* p, Span sp, NoiseKey ukey, acc_t u
                                     const NoiseKey* keys, const acc_t* coeffs, int64_t n_seeds,
                                     int64_t shared, acc_t d, int64_t b0, int64_t b1) {
   using U = typename FBits<scalar_t>::U;
+  const bool shortcut = zo_undo_shortcut_enabled();
   alignas(64) float zu[kBlock];
   alignas(64) float z[kBlock];
   alignas(64) acc_t a_block[kBlock];
@@ -174,7 +175,15 @@ FTOPS_CLONES void undo_axpby_blocks(scalar_t* p, Span sp, NoiseKey ukey, acc_t u
     // Work on the bit patterns (a load of c10::Half/BFloat16 as a struct does not vectorize).
     U* q = reinterpret_cast<U*>(p + sp.local(b, lo));
     if constexpr (kUndo) {
-      for (int64_t j = 0; j < n; ++j) bits[j] = zo_undo_bits<scalar_t, acc_t>(q[j], a[j]);
+      if (shortcut) {  // FTOPS_ZO_UNDO_SHORTCUT=1: tests the shortcut against the exact path
+        for (int64_t j = 0; j < n; ++j) {
+          bool ok = false;
+          const U t = zo_undo_shortcut_bits<scalar_t, acc_t>(q[j], a[j], ok);
+          bits[j] = ok ? t : zo_undo_bits<scalar_t, acc_t>(q[j], a[j]);
+        }
+      } else {
+        for (int64_t j = 0; j < n; ++j) bits[j] = zo_undo_bits<scalar_t, acc_t>(q[j], a[j]);
+      }
     } else {  // undo coefficient 0: nothing to undo
       for (int64_t j = 0; j < n; ++j) bits[j] = q[j];
     }

@@ -156,6 +156,134 @@ __global__ void zo_undo_axpby_kernel(const ZoUndoLaunch args) {
   }
 }
 
+// zo_undo_axpby_kernel with the undo's shortcut (FTOPS_ZO_UNDO_SHORTCUT=1; not float64): each
+// lane takes the shortcut for its 4 elements, and the elements where it does not hold (those
+// whose preimage may lie in another binade, ~1 in 6 for typical weights) are gathered in shared
+// memory and shared out over the warp's 32 lanes for the exact path. With a branch instead,
+// nearly every warp would run the exact path for 4 elements per lane. The grid-stride loop
+// runs per warp (all lanes iterate together, for the warp-wide ballots); lanes past the end
+// take part with no elements.
+template <typename scalar_t, typename acc_t, bool kInvertible>
+__global__ void zo_undo_axpby_shortcut_kernel(const ZoUndoLaunch args) {
+  using U = typename FBits<scalar_t>::U;
+  constexpr unsigned kFull = 0xffffffffu;
+  __shared__ U slow_p[kThreads * 4];
+  __shared__ acc_t slow_a[kThreads * 4];
+  const int lane = threadIdx.x & 31;
+  U* wp = slow_p + (threadIdx.x - lane) * 4;  // this warp's 128 slots
+  acc_t* wa = slow_a + (threadIdx.x - lane) * 4;
+  const ZoLaunch& b = args.base;
+  const int64_t total = b.first_group[b.n_tensors];
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  int k = 0;
+  for (int64_t g0 = blockIdx.x * static_cast<int64_t>(blockDim.x) + (threadIdx.x - lane); g0 < total;
+       g0 += stride) {
+    const int64_t g = g0 + lane;
+    const bool active = g < total;
+    GroupAt at{0, 0, 0};
+    U pb[4] = {0, 0, 0, 0};
+    bool valid[4] = {false, false, false, false};
+    acc_t a[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+    acc_t acc[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
+    bool undo = false;
+    acc_t d = acc_t(0);
+    U* p = nullptr;
+    bool whole = false;
+    if (active) {
+      at = group_at(b, g, k);
+      const acc_t u = static_cast<acc_t>(args.undo_coeff[at.k]);
+      undo = u != acc_t(0);
+      float zu[4] = {0.f, 0.f, 0.f, 0.f};
+      if (undo || args.shared >= 0) {
+        noise_normals(make_noise_key(args.undo_seed, b.id[at.k]), static_cast<uint64_t>(at.group),
+                      zu[0], zu[1], zu[2], zu[3]);
+      }
+      for (int s = 0; s < b.n_seeds; ++s) {
+        float z[4] = {zu[0], zu[1], zu[2], zu[3]};
+        if (s != args.shared) {
+          noise_normals(make_noise_key(b.seed[s], b.id[at.k]), static_cast<uint64_t>(at.group),
+                        z[0], z[1], z[2], z[3]);
+        }
+        const acc_t c = static_cast<acc_t>(b.coeff[s][at.k]);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) acc[j] = acc[j] + c * static_cast<acc_t>(z[j]);
+      }
+      d = static_cast<acc_t>(b.decay[at.k]);
+      p = static_cast<U*>(b.ptr[at.k]);
+      const int64_t numel = b.numel[at.k];
+      whole = at.first >= 0 && at.first + 4 <= numel &&
+              reinterpret_cast<uintptr_t>(p + at.first) % (4 * sizeof(U)) == 0;
+      if (whole) {
+        const Vec4<U> x = *reinterpret_cast<const Vec4<U>*>(p + at.first);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) { pb[j] = x.v[j]; valid[j] = true; }
+      } else {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int64_t i = at.first + j;
+          valid[j] = i >= 0 && i < numel;
+          if (valid[j]) pb[j] = p[i];
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) a[j] = undo_offset<acc_t>(u, zu[j]);
+    }
+    // the shortcut, and the elements it leaves to the exact path
+    U tb[4];
+    bool slow[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      bool ok = false;
+      const U t = zo_undo_shortcut_bits<scalar_t, acc_t>(pb[j], a[j], ok);
+      tb[j] = undo ? t : pb[j];
+      slow[j] = valid[j] && undo && !ok;
+    }
+    unsigned mask[4];
+    int pos[4];
+    int n_slow = 0;
+    const unsigned below = (1u << lane) - 1u;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      mask[j] = __ballot_sync(kFull, slow[j]);
+      pos[j] = n_slow + __popc(mask[j] & below);
+      n_slow += __popc(mask[j]);
+    }
+    if (n_slow > 0) {  // warp-uniform
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        if (slow[j]) {
+          wp[pos[j]] = pb[j];
+          wa[pos[j]] = a[j];
+        }
+      }
+      __syncwarp();
+      for (int i = lane; i < n_slow; i += 32) wp[i] = zo_undo_bits<scalar_t, acc_t>(wp[i], wa[i]);
+      __syncwarp();
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        if (slow[j]) tb[j] = wp[pos[j]];
+      __syncwarp();  // the next iteration writes the slots again
+    }
+    if (active) {
+      U out[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        out[j] = zo_apply_bits<scalar_t, acc_t, kInvertible>(FBits<scalar_t>::to_f(tb[j]), acc[j], d);
+      }
+      if (whole) {
+        Vec4<U> x;
+#pragma unroll
+        for (int j = 0; j < 4; ++j) x.v[j] = out[j];
+        *reinterpret_cast<Vec4<U>*>(p + at.first) = x;
+      } else {
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          if (valid[j]) p[at.first + j] = out[j];
+      }
+    }
+  }
+}
+
 template <typename scalar_t, typename acc_t>
 void launch_axpby(const ZoLaunch& args) {
   const int64_t groups = args.first_group[args.n_tensors];
@@ -212,6 +340,19 @@ void launch_undo_axpby(const ZoUndoLaunch& args, bool invertible) {
   const int64_t groups = args.base.first_group[args.base.n_tensors];
   if (groups == 0) return;
   const auto stream = c10::cuda::getCurrentCUDAStream();
+  if constexpr (!std::is_same_v<scalar_t, double>) {
+    if (zo_undo_shortcut_enabled()) {
+      if (invertible) {
+        zo_undo_axpby_shortcut_kernel<scalar_t, acc_t, true>
+            <<<grid_for(groups), kThreads, 0, stream>>>(args);
+      } else {
+        zo_undo_axpby_shortcut_kernel<scalar_t, acc_t, false>
+            <<<grid_for(groups), kThreads, 0, stream>>>(args);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      return;
+    }
+  }
   if (invertible) {
     zo_undo_axpby_kernel<scalar_t, acc_t, true><<<grid_for(groups), kThreads, 0, stream>>>(args);
   } else {
