@@ -95,6 +95,14 @@ start=$(date +%s)
 : > "$OUTDIR/bench.log"
 (cd bench && $PY run.py --device cuda --only mezo --timeout "$(cap ${BENCH_TIMEOUT:-150} 20)" "$@" 2>&1) \
   | tee -a "$OUTDIR/bench.log" | grep -vE '^\s*$' | tail -80
+# The undo's shortcut with warp compaction (opt-in until measured; the tests above already ran
+# it: test_undo_shortcut_path_gives_the_same_results): timings only, no drift.
+if [ "$(left)" -gt 60 ]; then
+  echo; echo "=== mezo with FTOPS_ZO_UNDO_SHORTCUT=1"
+  (cd bench && FTOPS_ZO_UNDO_SHORTCUT=1 timeout "$(cap 120 20)" $PY bench_mezo.py --device cuda \
+      --drift-cycles 1 --out results/mezo_shortcut.json 2>&1) \
+    | tee -a "$OUTDIR/bench.log" | grep -E 'per-pass|threads=|pass time|bandwidth floor' | tail -16
+fi
 for name in galore sara s2ft owlore; do
   [ "$(left)" -gt 40 ] || { summary+=("bench $name: not run (budget)"); continue; }
   (cd bench && $PY run.py --device cuda --quick --only $name --timeout "$(cap 90 10)" 2>&1) \
