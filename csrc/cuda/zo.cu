@@ -120,6 +120,38 @@ struct ZoUndoLaunch {
   int shared;  // the apply seed whose noise is the undo noise, or -1
 };
 
+// The noise of group `at` for zo_undo_axpby_: the undo offsets a = 0 + u z_undo (u: the
+// tensor's undo coefficient; 0 means nothing to undo) and the apply sum acc = sum_s c_s z_s.
+// The undo noise is generated once and reused for apply seed number `shared`.
+template <typename acc_t>
+__device__ __forceinline__ bool undo_axpby_noise(const ZoUndoLaunch& args, const GroupAt& at,
+                                                 acc_t a[4], acc_t acc[4]) {
+  const ZoLaunch& b = args.base;
+  const acc_t u = static_cast<acc_t>(args.undo_coeff[at.k]);
+  const bool undo = u != acc_t(0);
+  float zu[4] = {0.f, 0.f, 0.f, 0.f};
+  if (undo || args.shared >= 0) {
+    noise_normals(make_noise_key(args.undo_seed, b.id[at.k]), static_cast<uint64_t>(at.group),
+                  zu[0], zu[1], zu[2], zu[3]);
+  }
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    a[j] = undo_offset<acc_t>(u, zu[j]);
+    acc[j] = acc_t(0);
+  }
+  for (int s = 0; s < b.n_seeds; ++s) {
+    float z[4] = {zu[0], zu[1], zu[2], zu[3]};
+    if (s != args.shared) {
+      noise_normals(make_noise_key(b.seed[s], b.id[at.k]), static_cast<uint64_t>(at.group),
+                    z[0], z[1], z[2], z[3]);
+    }
+    const acc_t c = static_cast<acc_t>(b.coeff[s][at.k]);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[j] = acc[j] + c * static_cast<acc_t>(z[j]);
+  }
+  return undo;
+}
+
 template <typename scalar_t, typename acc_t, bool kInvertible>
 __global__ void zo_undo_axpby_kernel(const ZoUndoLaunch args) {
   const ZoLaunch& b = args.base;
@@ -128,28 +160,12 @@ __global__ void zo_undo_axpby_kernel(const ZoUndoLaunch args) {
   for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < total;
        g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const GroupAt at = group_at(b, g, k);
-    const acc_t u = static_cast<acc_t>(args.undo_coeff[at.k]);
-    const bool undo = u != acc_t(0);  // undo coefficient 0: nothing to undo
-    float zu[4] = {0.f, 0.f, 0.f, 0.f};
-    if (undo || args.shared >= 0) {
-      noise_normals(make_noise_key(args.undo_seed, b.id[at.k]), static_cast<uint64_t>(at.group),
-                    zu[0], zu[1], zu[2], zu[3]);
-    }
-    acc_t acc[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
-    for (int s = 0; s < b.n_seeds; ++s) {
-      float z[4] = {zu[0], zu[1], zu[2], zu[3]};
-      if (s != args.shared) {
-        noise_normals(make_noise_key(b.seed[s], b.id[at.k]), static_cast<uint64_t>(at.group),
-                      z[0], z[1], z[2], z[3]);
-      }
-      const acc_t c = static_cast<acc_t>(b.coeff[s][at.k]);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) acc[j] = acc[j] + c * static_cast<acc_t>(z[j]);
-    }
+    acc_t a[4], acc[4];
+    const bool undo = undo_axpby_noise<acc_t>(args, at, a, acc);
     const acc_t d = static_cast<acc_t>(b.decay[at.k]);
     update_group<scalar_t>(b, at, [&](int j, scalar_t x) {
       const auto pb = FBits<scalar_t>::get(x);
-      const auto tb = undo ? zo_undo_bits<scalar_t, acc_t>(pb, undo_offset<acc_t>(u, zu[j])) : pb;
+      const auto tb = undo ? zo_undo_bits<scalar_t, acc_t>(pb, a[j]) : pb;
       return FBits<scalar_t>::make(
           zo_apply_bits<scalar_t, acc_t, kInvertible>(FBits<scalar_t>::to_f(tb), acc[j], d));
     });
@@ -191,23 +207,7 @@ __global__ void zo_undo_axpby_shortcut_kernel(const ZoUndoLaunch args) {
     bool whole = false;
     if (active) {
       at = group_at(b, g, k);
-      const acc_t u = static_cast<acc_t>(args.undo_coeff[at.k]);
-      undo = u != acc_t(0);
-      float zu[4] = {0.f, 0.f, 0.f, 0.f};
-      if (undo || args.shared >= 0) {
-        noise_normals(make_noise_key(args.undo_seed, b.id[at.k]), static_cast<uint64_t>(at.group),
-                      zu[0], zu[1], zu[2], zu[3]);
-      }
-      for (int s = 0; s < b.n_seeds; ++s) {
-        float z[4] = {zu[0], zu[1], zu[2], zu[3]};
-        if (s != args.shared) {
-          noise_normals(make_noise_key(b.seed[s], b.id[at.k]), static_cast<uint64_t>(at.group),
-                        z[0], z[1], z[2], z[3]);
-        }
-        const acc_t c = static_cast<acc_t>(b.coeff[s][at.k]);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) acc[j] = acc[j] + c * static_cast<acc_t>(z[j]);
-      }
+      undo = undo_axpby_noise<acc_t>(args, at, a, acc);
       d = static_cast<acc_t>(b.decay[at.k]);
       p = static_cast<U*>(b.ptr[at.k]);
       const int64_t numel = b.numel[at.k];
@@ -225,8 +225,6 @@ __global__ void zo_undo_axpby_shortcut_kernel(const ZoUndoLaunch args) {
           if (valid[j]) pb[j] = p[i];
         }
       }
-#pragma unroll
-      for (int j = 0; j < 4; ++j) a[j] = undo_offset<acc_t>(u, zu[j]);
     }
     // the shortcut, and the elements it leaves to the exact path
     U tb[4];
