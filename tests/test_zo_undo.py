@@ -461,14 +461,15 @@ def test_perturbation_rounds_the_exact_sum(dtype):
         assert misses > 0  # the case is exercised (2 elements with these seeds)
 
 
-def _coeff_for_offset(z, want, accept):
-    """A float32 coefficient u with fl(u * z) accepted by `accept`, searched near want / z."""
-    u0 = torch.tensor(want, dtype=torch.float32) / z
-    for k in sorted(range(-64, 65), key=abs):
-        u = step(u0, k)
-        if accept(float(u * z)):
-            return float(u)
-    raise AssertionError(f"no coefficient found for {want}")
+def _coeffs_for_offsets(z, want, accept=None):
+    """Per element of z (float32 noise), the float32 coefficient u nearest want / z whose offset
+    fl(u * z) passes `accept` (a test on a tensor of offsets; default: equals want), searched
+    over the 64 float32 values either side; want / z where none passes."""
+    u0 = want / z
+    cand = torch.stack([step(u0, j) for j in sorted(range(-64, 65), key=abs)])
+    prod = cand * z
+    hit = accept(prod) if accept is not None else prod == want
+    return torch.where(hit.any(0), cand[hit.int().argmax(0), torch.arange(z.numel())], u0)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -482,16 +483,19 @@ def test_perturbation_rounds_the_exact_sum_at_overflow(device, dtype):
     threshold = big.double().item() + half
     ulp = (step(torch.tensor(threshold, dtype=torch.float32), 1).double().item() - threshold)
     z = _ops.zo_noise(torch.zeros(1), 41, 0)[0]
-    cases = [  # (t, the wanted float32 a, accept(a), expected result)
-        (big, half, lambda a: threshold - ulp / 2 < big.double().item() + a < threshold, big),
-        (big, half, lambda a: big.double().item() + a == threshold, torch.tensor(float("inf"), dtype=dtype)),
-        (-big, -half, lambda a: -big.double().item() + a == -threshold, -big),
-        (-big, -half, lambda a: -threshold - ulp / 2 < -big.double().item() + a < -threshold,
+    top, bottom = big.double().item(), -big.double().item()
+    cases = [  # (t, the wanted float32 a, accept(tensor of a), expected result)
+        (big, half, lambda a: (top + a > threshold - ulp / 2) & (top + a < threshold), big),
+        (big, half, lambda a: top + a == threshold, torch.tensor(float("inf"), dtype=dtype)),
+        (-big, -half, lambda a: bottom + a == -threshold, -big),
+        (-big, -half, lambda a: (bottom + a > -threshold - ulp / 2) & (bottom + a < -threshold),
          torch.tensor(float("-inf"), dtype=dtype)),
     ]
     for t, want, accept, expected in cases:
-        u = _coeff_for_offset(z, want, accept)
+        u = float(_coeffs_for_offsets(z.reshape(1), torch.tensor([want], dtype=torch.float32),
+                                      lambda prod: accept(prod.double()))[0])
         a = offset(torch.zeros(1, dtype=dtype), 41, 0, u)
+        assert bool(accept(a.double())), f"no coefficient found for {want}"
         assert float(t.float() + a) in (threshold, -threshold)  # the float32 sum is the midpoint
         p = t.reshape(1).clone().to(device)
         _ops.zo_undo_axpby_([p], 41, [0.0], [41], [0], [u], [0.0], True)
@@ -542,10 +546,7 @@ def test_undo_where_the_shortcut_rounding_ties(device, dtype):
     target = step(((m + 0.5) * h).float(), d)  # float32 offsets at or beside the tie
     ids = list(range(K))
     z = torch.stack([_ops.zo_noise(torch.zeros(1), 13, k)[0] for k in ids])
-    u0 = target / z
-    cand = torch.stack([step(u0, j) for j in range(-16, 17)])  # float32 coefficients near u0
-    hit = (cand * z) == target
-    u = torch.where(hit.any(0), cand[hit.int().argmax(0), torch.arange(K)], u0)
+    u = _coeffs_for_offsets(z, target)
     a = u * z + 0.0  # the kernel's offset, 0 + u * z
     assert int((a == target).sum()) > K // 2  # most offsets are exactly the wanted ones
     ps = [F(theta[k : k + 1], a[k : k + 1]).to(device) for k in ids]

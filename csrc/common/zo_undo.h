@@ -240,10 +240,11 @@ FTOPS_HD typename FBits<scalar_t>::U round_up_ties_bits(acc_t v, acc_t t) {
     // At the midpoint past the largest value (+-65520) s rounds to inf and the mirror is
     // inf - inf: the exact sum decides there too (just below 65520 is 65504, -65520 is -65504).
     static_assert(std::is_same_v<scalar_t, c10::Half>, "float16 is the only other type");
+    constexpr uint16_t kMax = B::kInf - 1u, kNegMax = kMax | B::kSign;
     const bool top = (s == 65520.0f) & (err < 0.0f);
     const bool bottom = (s == -65520.0f) & (err >= 0.0f);
-    return select_bits<uint16_t>(top, 0x7bffu, select_bits<uint16_t>(
-        bottom, 0xfbffu, select_bits<uint16_t>(to_w, wb, sb)));
+    return select_bits<uint16_t>(top, kMax, select_bits<uint16_t>(
+        bottom, kNegMax, select_bits<uint16_t>(to_w, wb, sb)));
   }
 }
 
@@ -499,13 +500,14 @@ FTOPS_HD typename FBits<scalar_t>::U zo_undo_shortcut_bits(typename FBits<scalar
     ok = false;
     return pb;
   } else {
-    // mantissa bits, exponent field width; 1/h = 2^(kShift - E) for biased exponent E >= kMinE
+    // mantissa bits, exponent field mask and bias; p's spacing is h = 2^(E - kShift) for a
+    // normal p with biased exponent E
     constexpr int kMant = std::is_same_v<scalar_t, float>        ? 23
                           : std::is_same_v<scalar_t, c10::Half> ? 10
                                                                 : 7;
     constexpr uint32_t kExpMask = std::is_same_v<scalar_t, c10::Half> ? 0x1fu : 0xffu;
     constexpr int kBias = std::is_same_v<scalar_t, c10::Half> ? 15 : 127;
-    constexpr int kShift = kBias + kMant;  // h = 2^(E - kShift)
+    constexpr int kShift = kBias + kMant;
     const uint32_t E = (static_cast<uint32_t>(pb) >> kMant) & kExpMask;
     const uint32_t M = static_cast<uint32_t>(pb) & ((1u << kMant) - 1u);
     // 2^(kShift - E) as a float32 normal: exponent field kShift - E + 127 in [1, 254]
