@@ -158,7 +158,7 @@ def ref_words_at(seed, index, offset, n):
 @pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
 def test_every_cpu_philox_path_gives_the_reference_words(isa):
     """csrc/cpu/philox_simd.h computes Philox with AVX-512 or AVX2 intrinsics (picked at run
-    time): each path, forced with FTOPS_PHILOX (capped at what this CPU has), gives the reference
+    time): each path, forced with FTOPS_SIMD (capped at what this CPU has), gives the reference
     words, at offsets whose group index needs the counter's high word too."""
     cases = [(12345, 7, 0, 4097 + 2), (2**63 - 1, 3, 2**36 + 3, 1000), (-5, 2**32 - 1, 2**34 - 130, 777)]
     code = (
@@ -167,7 +167,7 @@ def test_every_cpu_philox_path_gives_the_reference_words(isa):
         "    w = ftops._ops.zo_noise_bits(torch.empty(n), seed, index, offset)\n"
         "    sys.stdout.write(','.join(map(str, w.tolist())) + '\\n')\n" % (cases,)
     )
-    env = dict(os.environ, FTOPS_PHILOX=isa)
+    env = dict(os.environ, FTOPS_SIMD=isa)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=120, cwd=os.path.dirname(os.path.abspath(__file__)))
     assert out.returncode == 0, out.stderr[-2000:]

@@ -4,43 +4,16 @@
 // Why intrinsics: the rounds need 32x32 -> 64-bit products. GCC vectorizes the scalar loop
 // with zero-extension to 64-bit lanes and vpmullq (a slow 64x64 multiply) plus many lane
 // extractions, which made Philox about 60% of the noise time; vpmuludq on the even and odd
-// lanes, with blends, is the direct form. The ISA is picked at run time (the CPU's, or
-// FTOPS_PHILOX=avx512|avx2|scalar to force one, for tests), so a build runs on any x86-64.
+// lanes, with blends, is the direct form. The ISA is picked at run time (simd_isa.h).
 #pragma once
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 
 #include "../common/philox.h"
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#include <immintrin.h>
-#define FTOPS_PHILOX_SIMD 1
-#endif
+#include "simd_isa.h"
 
 namespace ftops {
 
-enum class PhiloxIsa { kScalar, kAvx2, kAvx512 };
-
-inline PhiloxIsa detect_philox_isa() {
-  PhiloxIsa best = PhiloxIsa::kScalar;
-#if defined(FTOPS_PHILOX_SIMD)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2")) best = PhiloxIsa::kAvx2;
-  if (__builtin_cpu_supports("avx512f")) best = PhiloxIsa::kAvx512;
-#endif
-  const char* force = std::getenv("FTOPS_PHILOX");
-  if (force == nullptr) return best;
-  PhiloxIsa want = best;
-  if (std::strcmp(force, "scalar") == 0) want = PhiloxIsa::kScalar;
-  if (std::strcmp(force, "avx2") == 0) want = PhiloxIsa::kAvx2;
-  if (std::strcmp(force, "avx512") == 0) want = PhiloxIsa::kAvx512;
-  return static_cast<int>(want) <= static_cast<int>(best) ? want : best;  // never beyond the CPU
-}
-
-inline const PhiloxIsa kPhiloxIsa = detect_philox_isa();
-
-#if defined(FTOPS_PHILOX_SIMD)
+#if defined(FTOPS_X86_SIMD)
 // GCC 12's AVX-512 headers trip -Wuninitialized on their own _mm512_undefined placeholders
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
@@ -129,12 +102,12 @@ __attribute__((target("avx2"))) inline void philox8_avx2(const NoiseKey& key, ui
 // The words of groups g0 .. g0 + 15 (g0 a multiple of 16): w_k[j] is word k of group g0 + j.
 inline void philox_block16(const NoiseKey& key, uint64_t g0, uint32_t* w0, uint32_t* w1,
                            uint32_t* w2, uint32_t* w3) {
-#if defined(FTOPS_PHILOX_SIMD)
-  if (kPhiloxIsa == PhiloxIsa::kAvx512) {
+#if defined(FTOPS_X86_SIMD)
+  if (kSimdIsa == SimdIsa::kAvx512) {
     philox16_avx512(key, g0, w0, w1, w2, w3);
     return;
   }
-  if (kPhiloxIsa == PhiloxIsa::kAvx2) {
+  if (kSimdIsa == SimdIsa::kAvx2) {
     philox8_avx2(key, g0, w0, w1, w2, w3);
     philox8_avx2(key, g0 + 8, w0 + 8, w1 + 8, w2 + 8, w3 + 8);
     return;

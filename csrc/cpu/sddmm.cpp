@@ -30,10 +30,7 @@
 #include "../common/dispatch.h"
 #include "../common/sddmm_args.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FTOPS_X86_DISPATCH 1
-#include <immintrin.h>
-#endif
+#include "simd_isa.h"
 
 namespace ftops {
 namespace {
@@ -64,7 +61,7 @@ using Vd = Vs<double>;
 #include "sddmm_body.h"
 }  // namespace isa_generic
 
-#ifdef FTOPS_X86_DISPATCH
+#ifdef FTOPS_X86_SIMD
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace isa_avx2 {
@@ -156,22 +153,6 @@ struct Vd {
 #pragma GCC pop_options
 #endif
 
-enum class Isa { kGeneric, kAvx2, kAvx512 };
-
-Isa detect_isa() {
-#ifdef FTOPS_X86_DISPATCH
-  static const Isa isa = [] {
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("fma")) return Isa::kAvx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
-    return Isa::kGeneric;
-  }();
-  return isa;
-#else
-  return Isa::kGeneric;
-#endif
-}
-
 // out (nnz, dy's dtype) for a validated CSR layout: rp (m + 1) and contiguous cols.
 at::Tensor csr_kernel(const at::Tensor& dy, const at::Tensor& x, const int64_t* rp,
                       const at::Tensor& cols) {
@@ -186,7 +167,6 @@ at::Tensor csr_kernel(const at::Tensor& dy, const at::Tensor& x, const int64_t* 
   // size does not change any result).
   const int64_t per = (m + 4 * at::get_num_threads() - 1) / (4 * at::get_num_threads());
   const int64_t R = std::clamp<int64_t>(per, 1, kMaxBand);
-  const Isa isa = detect_isa();
   auto run_cols = [&](auto col_tag) {
     using col_t = decltype(col_tag);
     const col_t* cp = cols.data_ptr<col_t>();
@@ -197,12 +177,12 @@ at::Tensor csr_kernel(const at::Tensor& dy, const at::Tensor& x, const int64_t* 
       acc_t* op = acc.data_ptr<acc_t>();
       acc_t* bp = B.data_ptr<acc_t>();
       const int64_t a0 = dy.stride(0), a1 = dy.stride(1), b0 = x.stride(0), b1 = x.stride(1);
-      switch (isa) {
-#ifdef FTOPS_X86_DISPATCH
-        case Isa::kAvx512:
+      switch (kSimdIsa) {
+#ifdef FTOPS_X86_SIMD
+        case SimdIsa::kAvx512:
           isa_avx512::sddmm_run<scalar_t, col_t>(dyp, a0, a1, xp, b0, b1, T, m, n, rp, cp, op, bp, R);
           break;
-        case Isa::kAvx2:
+        case SimdIsa::kAvx2:
           isa_avx2::sddmm_run<scalar_t, col_t>(dyp, a0, a1, xp, b0, b1, T, m, n, rp, cp, op, bp, R);
           break;
 #endif
