@@ -535,7 +535,7 @@ def test_undo_where_the_shortcut_rounding_ties(device, dtype):
     around p: a = (m + 1/2) h + d ulp(a), for weights across many binades, each weight its own
     one-element tensor with its own coefficient (searched so that fl(u z) is that a). Here the
     shortcut's k = floor(a/h + 1/2) must be exact (a/h + 1/2 itself rounds in float32). Compared
-    with the reference rule; run with FTOPS_ZO_UNDO_SHORTCUT=1 too (test below)."""
+    with the reference rule; rerun in each shortcut mode (test below)."""
     g = torch.Generator().manual_seed(7)
     K = 300
     mags = torch.exp2(torch.randint(-20, 8, (K,), generator=g).double()) * (1 + torch.rand(K, generator=g, dtype=torch.float64))
@@ -556,15 +556,58 @@ def test_undo_where_the_shortcut_rounding_ties(device, dtype):
     assert torch.equal(bits(got), bits(ref_undo(p_all, a)))
 
 
-@pytest.mark.skipif(os.environ.get("FTOPS_ZO_UNDO_SHORTCUT") == "1", reason="already in that mode")
-def test_undo_shortcut_path_gives_the_same_results():
-    """FTOPS_ZO_UNDO_SHORTCUT=1 takes the same-binade shortcut (csrc/common/zo_undo.h) wherever it
-    holds and the exact path elsewhere; on CUDA the warp compacts the exact-path elements. The
-    undo tests of this file, rerun in that mode, must all pass."""
-    env = dict(os.environ, FTOPS_ZO_UNDO_SHORTCUT="1")
+@pytest.mark.parametrize("mode", ["0", "1"], ids=["exact_path_only", "shortcut"])
+def test_undo_in_each_shortcut_mode_gives_the_same_results(mode):
+    """The undo takes a same-binade shortcut (csrc/common/zo_undo.h) wherever it holds and the
+    exact path for the other elements, gathered into full vectors (CPU: by default; CUDA: with
+    FTOPS_ZO_UNDO_SHORTCUT=1, a warp gathers them in shared memory); FTOPS_ZO_UNDO_SHORTCUT=0
+    takes the exact path everywhere. The undo tests of this file, rerun in each mode, must all
+    pass: the results are the same bit for bit."""
+    if os.environ.get("FTOPS_ZO_UNDO_SHORTCUT") == mode:
+        pytest.skip("already in that mode")
+    if mode == "1" and not torch.cuda.is_available() and "FTOPS_ZO_UNDO_SHORTCUT" not in os.environ:
+        pytest.skip("the CPU takes the shortcut by default: this run covered it")
+    env = dict(os.environ, FTOPS_ZO_UNDO_SHORTCUT=mode)
     out = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__),
-         "-k", "undo and not shortcut_path"],
+         "-k", "undo and not shortcut_mode and not simd_path"],
         env=env, capture_output=True, text=True, timeout=600, cwd=os.path.dirname(os.path.abspath(__file__)))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert " passed" in out.stdout
+
+
+@pytest.mark.parametrize("isa", ["scalar", "avx2"])
+def test_undo_on_every_cpu_simd_path_gives_the_same_results(isa, tmp_path):
+    """The CPU undo lists the elements its shortcut leaves to the exact path with an AVX-512
+    compress where the CPU has it, else with a scalar loop (and Philox has per-ISA paths too,
+    csrc/cpu/simd_isa.h): forced to a lesser path with FTOPS_SIMD, a subprocess must produce
+    the same bits as this one, at odd sizes and offsets, in both shortcut modes."""
+    code = (
+        "import sys, torch\n"
+        "from ftops import _ops\n"
+        "g = torch.Generator().manual_seed(5)\n"
+        "out = []\n"
+        "for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):\n"
+        "    ps = [(torch.randn(n, generator=g) * s).to(dtype) for n, s in ((4097, 0.02), (3000, 1e-3), (77, 1.0))]\n"
+        "    _ops.zo_axpby_(ps, [21], [0, 1, 2], [1e-3, 2e-3, 1e-3], [0.0] * 3, offsets=[0, 13, 2**33 + 5])\n"
+        "    _ops.zo_undo_axpby_(ps, 21, [1e-3, 2e-3, 1e-3], [21, 8], [0, 1, 2], [-1e-3, -2e-3, -1e-3, 1e-4, 1e-4, 1e-4],\n"
+        "                        [0.0, 1e-3, 0.0], invertible=True, offsets=[0, 13, 2**33 + 5])\n"
+        "    out += ps\n"
+        "torch.save(out, sys.argv[1])\n"
+    )
+    here = os.path.dirname(os.path.abspath(__file__))
+    results = {}
+    for name, extra in (("default", {}), ("forced", {"FTOPS_SIMD": isa})):
+        for mode in ("0", "1"):
+            env = {k: v for k, v in os.environ.items() if k != "FTOPS_SIMD"}
+            env.update(extra, FTOPS_ZO_UNDO_SHORTCUT=mode)
+            path = str(tmp_path / f"{name}{mode}.pt")
+            out = subprocess.run([sys.executable, "-c", code, path], env=env, capture_output=True,
+                                 text=True, timeout=120, cwd=here)
+            assert out.returncode == 0, out.stderr[-2000:]
+            results[name, mode] = torch.load(path)
+    ref = results["default", "0"]
+    for key, got in results.items():
+        assert len(got) == len(ref)
+        for a, b in zip(got, ref):
+            assert torch.equal(bits(a), bits(b)), key

@@ -484,6 +484,21 @@ FTOPS_HD typename FBits<scalar_t>::U zo_undo_bits(typename FBits<scalar_t>::U pb
   return select_bits<U>(p_in == p_in, r, pb_in);
 }
 
+// floor(x) for |x| < 2^23, as an int32 (n) and a float (nf), both exact. The GPU has floorf
+// (one instruction); the CPU truncates to int32 and corrects in integers: GCC vectorizes that,
+// not floorf (without -fno-trapping-math), nor a float op it has moved under a condition
+// (without AVX-512's masks).
+FTOPS_HD void floor_small(float x, int32_t& n, float& nf) {
+#if defined(__CUDA_ARCH__)
+  nf = floorf(x);
+  n = static_cast<int32_t>(nf);
+#else
+  const int32_t t = static_cast<int32_t>(x);
+  n = t - static_cast<int32_t>(static_cast<float>(t) > x);
+  nf = static_cast<float>(n);
+#endif
+}
+
 // The undo's shortcut where it applies: if p is not the lowest value of its binade and its
 // preimage t lies in the same binade (and is not its lowest value either), every value near
 // t has p's spacing h, F moves them by whole spacings, and t = p - k h with k = floor(a/h + 1/2)
@@ -522,10 +537,12 @@ FTOPS_HD typename FBits<scalar_t>::U zo_undo_shortcut_bits(typename FBits<scalar
     const bool x_ok = (x < kMaxShift) & (x > -kMaxShift);
     const float xs = bits_to_float(select_bits<uint32_t>(x_ok, float_to_bits(x), 0u));
     // k = floor(x + 1/2), exactly (x + 1/2 itself may round): n + 1/2 is exact for |n| < 2^23
-    const float n = floorf(xs);
-    const float k = n + static_cast<float>(xs >= n + 0.5f);
+    int32_t n;
+    float nf;
+    floor_small(xs, n, nf);
+    const int32_t k = n + static_cast<int32_t>(xs >= nf + 0.5f);
     const auto op = ordinal<scalar_t>(pb);
-    const U tb = from_ordinal<scalar_t>(static_cast<decltype(op)>(op - static_cast<int32_t>(k)));
+    const U tb = from_ordinal<scalar_t>(static_cast<decltype(op)>(op - k));
     const uint32_t Et = (static_cast<uint32_t>(tb) >> kMant) & kExpMask;
     const uint32_t Mt = static_cast<uint32_t>(tb) & ((1u << kMant) - 1u);
     ok = e_ok & x_ok & (M != 0u) & (Et == E) & (Mt != 0u);
@@ -533,23 +550,27 @@ FTOPS_HD typename FBits<scalar_t>::U zo_undo_shortcut_bits(typename FBits<scalar
   }
 }
 
-// FTOPS_ZO_UNDO_SHORTCUT=1 makes zo_undo_axpby_ take zo_undo_shortcut_bits where it holds and
-// zo_undo_bits elsewhere (the same results). On CUDA the warp hands only the elements where
-// the shortcut fails to the exact path (csrc/cuda/zo.cu); on the CPU it only serves to test
-// the shortcut (every element computes both). Read once.
-inline bool zo_undo_shortcut_enabled() {
-  static const bool on = [] {
+// Whether zo_undo_axpby_ takes zo_undo_shortcut_bits where it holds and zo_undo_bits only for
+// the other elements (the same results either way): FTOPS_ZO_UNDO_SHORTCUT=1 on, =0 off, unset:
+// the device's default (`device_default`). Both kernels gather the exact-path elements into
+// full vectors: a CUDA warp in shared memory (csrc/cuda/zo.cu), the CPU per 1024 elements
+// (csrc/cpu/zo.cpp). Read once.
+inline bool zo_undo_shortcut_enabled(bool device_default) {
+  static const int setting = [] {
     const char* v = std::getenv("FTOPS_ZO_UNDO_SHORTCUT");
-    return v != nullptr && v[0] == '1';
+    return v == nullptr || (v[0] != '0' && v[0] != '1') ? -1 : v[0] - '0';
   }();
-  return on;
+  return setting < 0 ? device_default : setting == 1;
 }
 
 // d * v, but 0 when d is 0 even for v = +-inf (0 * inf is NaN: without this an inf weight
 // turned NaN at any pass without weight decay). The same value for every finite v.
+// (A select on the bits: with `?:` GCC moves d * v under a branch, and the half-type loops
+// stopped vectorizing without AVX-512.)
 template <typename acc_t>
 FTOPS_HD acc_t decay_term(acc_t d, acc_t v) {
-  return d == acc_t(0) ? acc_t(0) : d * v;
+  using B = FBits<acc_t>;
+  return B::make(select_bits<typename B::U>(d == acc_t(0), 0u, B::get(d * v)));
 }
 
 // The pass's own change from the recovered value v: v + (acc - d v), rounded once, either to

@@ -172,6 +172,10 @@ __global__ void zo_undo_axpby_kernel(const ZoUndoLaunch args) {
   }
 }
 
+// Whether the undo takes its shortcut on CUDA when FTOPS_ZO_UNDO_SHORTCUT is unset: not until a
+// GPU run has checked zo_undo_axpby_shortcut_kernel bit for bit and measured it faster.
+constexpr bool kShortcutByDefault = false;
+
 // zo_undo_axpby_kernel with the undo's shortcut (FTOPS_ZO_UNDO_SHORTCUT=1; not float64): each
 // lane takes the shortcut for its 4 elements, and the elements where it does not hold (those
 // whose preimage may lie in another binade, ~1 in 6 for typical weights) are gathered in shared
@@ -339,7 +343,7 @@ void launch_undo_axpby(const ZoUndoLaunch& args, bool invertible) {
   if (groups == 0) return;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   if constexpr (!std::is_same_v<scalar_t, double>) {
-    if (zo_undo_shortcut_enabled()) {
+    if (zo_undo_shortcut_enabled(kShortcutByDefault)) {
       if (invertible) {
         zo_undo_axpby_shortcut_kernel<scalar_t, acc_t, true>
             <<<grid_for(groups), kThreads, 0, stream>>>(args);
