@@ -5,6 +5,11 @@ One CPU-only wheel is built per session (module fixture), in its own build folde
 (``build/wheel-test-cpu``, so the checkout's usual build folder, which may be a CUDA build, is not
 reconfigured): the first run compiles the kernels (minutes), later runs are incremental. Set
 ``FTOPS_TEST_WHEEL=/path/to/ftops-*.whl`` to test an existing wheel instead of building one.
+
+Where the CPU has AVX2, that wheel's vectorized CPU loops are compiled for AVX2 only
+(``FTOPS_CPU_TARGET=avx2``) and the kernel tests are rerun with it: a release build picks its
+AVX-512 code on a machine that has AVX-512 (as CI's), and its AVX2 code, which most laptops run,
+would otherwise go untested.
 """
 import os
 import subprocess
@@ -16,6 +21,8 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+# the CPU target of the test wheel's vectorized loops ("" = the release default, all of them)
+WHEEL_CPU_TARGET = "avx2" if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512") else ""
 
 
 def _minor(version):
@@ -31,7 +38,7 @@ def wheel(tmp_path_factory):
     if not (ROOT / "pyproject.toml").exists():
         pytest.skip("not a source checkout")
     out = tmp_path_factory.mktemp("dist")
-    env = dict(os.environ, FTOPS_CUDA="OFF")
+    env = dict(os.environ, FTOPS_CUDA="OFF", FTOPS_CPU_TARGET=WHEEL_CPU_TARGET)
     cmd = [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-build-isolation", "--no-deps",
            "-q", "-w", str(out), "-C", f"build-dir={ROOT / 'build' / 'wheel-test-cpu'}"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -75,10 +82,11 @@ def test_wheel_tag_and_torch_pin(wheel):
 
 def test_wheel_installs_and_runs(installed, tmp_path):
     code = f"""
-import torch, ftops
+import os, torch, ftops
 assert ftops.__file__.startswith({str(installed)!r}), ftops.__file__
 info = ftops.build_info()
 assert info["cuda"] is False and info["torch_built"] == torch.__version__, info
+assert os.environ.get("FTOPS_TEST_WHEEL") or info["cpu_target"] == ({WHEEL_CPU_TARGET!r} or "auto"), info
 dy, x = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
 rows, cols = torch.tensor([0, 2, 1], dtype=torch.int32), torch.tensor([3, 0, 1], dtype=torch.int32)
 out = ftops.sddmm(dy, x, rows, cols)
@@ -106,3 +114,28 @@ import ftops
     assert f"compiled against torch {torch.__version__}" in err, err[-3000:]
     assert f"torch {other} is installed" in err, err[-3000:]
     assert "--no-build-isolation" in err, err[-3000:]
+
+
+KERNEL_TESTS = ["test_noise.py", "test_zo_ops.py", "test_zo_undo.py", "test_zo_offsets.py",
+                "test_adamw_op.py", "test_sara.py"]
+
+
+@pytest.mark.skipif(WHEEL_CPU_TARGET != "avx2", reason="this CPU has no AVX2")
+def test_avx2_code_passes_the_kernel_tests(installed, tmp_path):
+    """The kernel test files, run on the wheel whose vectorized loops are AVX2 code, with the
+    hand-written SIMD paths (Philox, SDDMM, the undo's gathering) forced to AVX2 as well."""
+    if os.environ.get("FTOPS_TEST_WHEEL"):
+        pytest.skip("an existing wheel: its CPU target is whatever it was built with")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "FTOPS_ZO_UNDO_SHORTCUT")}
+    env.update(PYTHONPATH=str(installed), FTOPS_SIMD="avx2")
+    check = subprocess.run([sys.executable, "-c", "import ftops; print(ftops.__file__, ftops.build_info()['cpu_target'])"],
+                           env=env, cwd=tmp_path, capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr[-3000:]
+    where, target = check.stdout.split()
+    assert where.startswith(str(installed)) and target == "avx2", check.stdout
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "no:xdist",
+         *[str(ROOT / "tests" / name) for name in KERNEL_TESTS]],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and " failed" not in proc.stdout

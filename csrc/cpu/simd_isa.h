@@ -1,7 +1,9 @@
-// Which hand-written x86 SIMD path the CPU kernels take (Philox, SDDMM, the undo's gathering),
-// decided once at load time: the best this CPU has, or FTOPS_SIMD=avx512|avx2|scalar to force
-// one (for tests; never beyond what the CPU has). A build runs on any x86-64; the loops left to
-// the auto-vectorizer use target_clones instead.
+// The CPU's instruction sets. A build runs on any x86-64:
+//  * the loops left to the auto-vectorizer are compiled per ISA (FTOPS_VECTOR_CLONES) and the
+//    loader picks the best the CPU has;
+//  * the hand-written SIMD paths (Philox, SDDMM, the undo's gathering) follow kSimdIsa, decided
+//    once at load time: the best this CPU has, or FTOPS_SIMD=avx512|avx2|scalar to force one
+//    (for tests; never beyond what the CPU has).
 #pragma once
 #include <cstdlib>
 #include <cstring>
@@ -9,6 +11,17 @@
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FTOPS_X86_SIMD 1
 #include <immintrin.h>
+#endif
+
+// x86-64-v4 (AVX-512 F/BW/DQ/VL), not plain avx512f: the half-type loops mix 16- and 32-bit
+// lanes, and without AVX512BW GCC only vectorizes them 256 bits wide. The build option
+// FTOPS_CPU_TARGET (CMakeLists.txt) compiles them for one target instead, to test its code.
+#if defined(FTOPS_CPU_TARGET)
+#define FTOPS_VECTOR_CLONES __attribute__((target(FTOPS_CPU_TARGET)))
+#elif defined(FTOPS_X86_SIMD)
+#define FTOPS_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
+#else
+#define FTOPS_VECTOR_CLONES
 #endif
 
 namespace ftops {

@@ -6,8 +6,8 @@
 // (a tensor's head and tail too) generates all 64 values with the same instruction sequence, and
 // the element updates are IEEE ops without contraction, so the value for an element never
 // depends on threads, chunking or where a shard starts. The block loops are written
-// for the auto-vectorizer (fixed trip counts, no branches); target_clones compiles them for
-// AVX-512, AVX2 and baseline x86-64 and picks one at load time. This file is compiled with
+// for the auto-vectorizer (fixed trip counts, no branches, selects on bits); they are compiled
+// for AVX-512, AVX2 and baseline x86-64, picked at load time (simd_isa.h). This file is compiled with
 // -ffp-contract=off so all clones (and the CUDA kernel) round identically.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -24,13 +24,6 @@
 #include "simd_isa.h"
 #include "../common/zo_undo.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-// x86-64-v4 (AVX-512 F/BW/DQ/VL), not plain avx512f: the half-type loops mix 16- and 32-bit
-// lanes, and without AVX512BW GCC only vectorizes them 256 bits wide.
-#define FTOPS_CLONES __attribute__((target_clones("arch=x86-64-v4", "avx2", "default")))
-#else
-#define FTOPS_CLONES
-#endif
 
 namespace ftops {
 namespace {
@@ -86,7 +79,7 @@ struct Span {
 };
 
 // Float noise for global blocks [b0, b1) of a span into out (out[0] is local element 0).
-FTOPS_CLONES void fill_normals(NoiseKey key, Span sp, int64_t b0, int64_t b1, float* out) {
+FTOPS_VECTOR_CLONES void fill_normals(NoiseKey key, Span sp, int64_t b0, int64_t b1, float* out) {
   alignas(64) float z[kBlock];
   for (int64_t b = b0; b < b1; ++b) {
     block_normals(key, b, z);
@@ -95,7 +88,7 @@ FTOPS_CLONES void fill_normals(NoiseKey key, Span sp, int64_t b0, int64_t b1, fl
   }
 }
 
-FTOPS_CLONES void fill_words(NoiseKey key, Span sp, int64_t b0, int64_t b1, int64_t* out) {
+FTOPS_VECTOR_CLONES void fill_words(NoiseKey key, Span sp, int64_t b0, int64_t b1, int64_t* out) {
   alignas(64) uint32_t w[kBlock];
   for (int64_t b = b0; b < b1; ++b) {
     block_words(key, b, w);
@@ -122,7 +115,7 @@ inline __attribute__((always_inline)) void block_noise_sum(const NoiseKey* keys,
 // p = p + (sum_s c_s z_s - d p), computed in acc_t (float32 for half types), rounded once,
 // on global blocks [b0, b1) of the span.
 template <typename scalar_t, typename acc_t>
-FTOPS_CLONES void axpby_blocks(scalar_t* p, Span sp, const NoiseKey* keys, const acc_t* coeffs,
+FTOPS_VECTOR_CLONES void axpby_blocks(scalar_t* p, Span sp, const NoiseKey* keys, const acc_t* coeffs,
                                int64_t n_seeds, acc_t d, int64_t b0, int64_t b1) {
   alignas(64) acc_t acc_block[kBlock];
   for (int64_t b = b0; b < b1; ++b) {
@@ -247,7 +240,7 @@ inline __attribute__((always_inline)) void undo_with_shortcut(
 // rounded with ties up; csrc/common/zo_undo.h), then p = round(t + (sum_s c_s z_s - d t)).
 // Runs of kRunBlocks blocks: a run's elements are contiguous in p and in the run's buffers.
 template <typename scalar_t, typename acc_t, bool kInvertible, bool kUndo>
-FTOPS_CLONES void undo_axpby_blocks(scalar_t* p, Span sp, NoiseKey ukey, acc_t u,
+FTOPS_VECTOR_CLONES void undo_axpby_blocks(scalar_t* p, Span sp, NoiseKey ukey, acc_t u,
                                     const NoiseKey* keys, const acc_t* coeffs, int64_t n_seeds,
                                     int64_t shared, acc_t d, int64_t b0, int64_t b1) {
   using U = typename FBits<scalar_t>::U;
