@@ -96,7 +96,7 @@ start=$(date +%s)
 (cd bench && $PY run.py --device cuda --only mezo --timeout "$(cap ${BENCH_TIMEOUT:-150} 20)" "$@" 2>&1) \
   | tee -a "$OUTDIR/bench.log" | grep -vE '^\s*$' | tail -80
 # The undo's shortcut with warp compaction (opt-in until measured; the tests above already ran
-# it: test_undo_shortcut_path_gives_the_same_results): timings only, no drift.
+# it: test_undo_in_each_shortcut_mode_gives_the_same_results): timings only, no drift.
 if [ "$(left)" -gt 60 ]; then
   echo; echo "=== mezo with FTOPS_ZO_UNDO_SHORTCUT=1"
   (cd bench && FTOPS_ZO_UNDO_SHORTCUT=1 timeout "$(cap 120 20)" $PY bench_mezo.py --device cuda \
