@@ -157,25 +157,31 @@ def ref_words_at(seed, index, offset, n):
 
 @pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512"])
 def test_every_cpu_philox_path_gives_the_reference_words(isa):
-    """csrc/cpu/philox_simd.h computes Philox with AVX-512 or AVX2 intrinsics (picked at run
-    time): each path, forced with FTOPS_SIMD (capped at what this CPU has), gives the reference
-    words, at offsets whose group index needs the counter's high word too."""
+    """csrc/cpu/philox_simd.h computes Philox (one block, or two as interleaved chains) and the
+    interleave of the normals with AVX-512 or AVX2 intrinsics (picked at run time): each path,
+    forced with FTOPS_SIMD (capped at what this CPU has), gives the reference words, at offsets
+    whose group index needs the counter's high word too, and the normals of this process."""
     cases = [(12345, 7, 0, 4097 + 2), (2**63 - 1, 3, 2**36 + 3, 1000), (-5, 2**32 - 1, 2**34 - 130, 777)]
     code = (
         "import sys, torch, ftops\n"
         "for seed, index, offset, n in %r:\n"
         "    w = ftops._ops.zo_noise_bits(torch.empty(n), seed, index, offset)\n"
-        "    sys.stdout.write(','.join(map(str, w.tolist())) + '\\n')\n" % (cases,)
+        "    z = ftops._ops.zo_noise(torch.empty(n), seed, index, offset).view(torch.int32)\n"
+        "    sys.stdout.write(','.join(map(str, w.tolist())) + '\\n')\n"
+        "    sys.stdout.write(','.join(map(str, z.tolist())) + '\\n')\n" % (cases,)
     )
     env = dict(os.environ, FTOPS_SIMD=isa)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=120, cwd=os.path.dirname(os.path.abspath(__file__)))
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.strip().splitlines()
-    assert len(lines) == len(cases)
-    for (seed, index, offset, n), line in zip(cases, lines):
-        got = torch.tensor([int(v) for v in line.split(",")], dtype=torch.int64)
+    assert len(lines) == 2 * len(cases)
+    for k, (seed, index, offset, n) in enumerate(cases):
+        got = torch.tensor([int(v) for v in lines[2 * k].split(",")], dtype=torch.int64)
         assert torch.equal(got, ref_words_at(seed, index, offset, n)), (isa, seed, index, offset)
+        normals = torch.tensor([int(v) for v in lines[2 * k + 1].split(",")], dtype=torch.int32)
+        here = _ops.zo_noise(torch.empty(n), seed, index, offset).view(torch.int32)
+        assert torch.equal(normals, here), (isa, seed, index, offset)
 
 
 def test_bits_flattened_and_layout_independent():
