@@ -124,18 +124,25 @@ FTOPS_VECTOR_CLONES void fill_words(NoiseKey key, Span sp, int64_t b0, int64_t b
   }
 }
 
-// Sum over seeds of coeff_s * z_s for the run of nb blocks at global block b, in acc_t.
+// Sum over seeds of coeff_s * z_s for the run of nb blocks at global block b, in acc_t. Seed
+// number `shared` (if >= 0) takes its noise from z_shared instead of generating it again.
 template <typename acc_t>
 inline __attribute__((always_inline)) void run_noise_sum(const NoiseKey* keys,
                                                          const acc_t* coeffs, int64_t n_seeds,
                                                          int64_t b, int64_t nb,
-                                                         acc_t* __restrict acc) {
+                                                         acc_t* __restrict acc,
+                                                         int64_t shared = -1,
+                                                         const float* z_shared = nullptr) {
   alignas(64) float z[kRun];
   for (int64_t j = 0; j < nb * kBlock; ++j) acc[j] = acc_t(0);
   for (int64_t s = 0; s < n_seeds; ++s) {
-    run_normals(keys[s], b, nb, z);
+    const float* zs = z_shared;
+    if (s != shared) {
+      run_normals(keys[s], b, nb, z);
+      zs = z;
+    }
     const acc_t c = coeffs[s];
-    for (int64_t j = 0; j < nb * kBlock; ++j) acc[j] = acc[j] + c * static_cast<acc_t>(z[j]);
+    for (int64_t j = 0; j < nb * kBlock; ++j) acc[j] = acc[j] + c * static_cast<acc_t>(zs[j]);
   }
 }
 
@@ -169,22 +176,11 @@ inline __attribute__((always_inline)) void run_undo_terms(
     NoiseKey ukey, acc_t u, const NoiseKey* keys, const acc_t* coeffs, int64_t n_seeds,
     int64_t shared, int64_t b, int64_t nb, acc_t* __restrict a, acc_t* __restrict acc) {
   alignas(64) float zu[kRun];
-  alignas(64) float z[kRun];
-  const int64_t len = nb * kBlock;
   if (kUndo || shared >= 0) run_normals(ukey, b, nb, zu);
   if constexpr (kUndo) {
-    for (int64_t j = 0; j < len; ++j) a[j] = undo_offset<acc_t>(u, zu[j]);
+    for (int64_t j = 0; j < nb * kBlock; ++j) a[j] = undo_offset<acc_t>(u, zu[j]);
   }
-  for (int64_t j = 0; j < len; ++j) acc[j] = acc_t(0);
-  for (int64_t s = 0; s < n_seeds; ++s) {
-    const float* zs = zu;
-    if (s != shared) {
-      run_normals(keys[s], b, nb, z);
-      zs = z;
-    }
-    const acc_t c = coeffs[s];
-    for (int64_t j = 0; j < len; ++j) acc[j] = acc[j] + c * static_cast<acc_t>(zs[j]);
-  }
+  run_noise_sum<acc_t>(keys, coeffs, n_seeds, b, nb, acc, shared, zu);
 }
 
 #if defined(FTOPS_X86_SIMD)
