@@ -7,7 +7,7 @@
 #include <cstdint>
 #include <cstring>
 
-#include "philox.h"  // FTOPS_HD, float_to_bits, bits_to_float
+#include "philox.h"  // FTOPS_HD, float_to_bits, bits_to_float, select_bits
 
 namespace ftops {
 
@@ -52,18 +52,6 @@ struct FBits<double> {
   FTOPS_HD static double to_f(U b) { return make(b); }
   FTOPS_HD static U from_f(double f) { return get(f); }
 };
-
-// c ? x : y on bit patterns (any unsigned type); on the CPU as mask arithmetic. In the long
-// loops of the undo GCC (12) threads jumps through `?:` selects (the NaN tests especially) and
-// the loops, with branches inside, no longer vectorize; the mask form stays branch-free.
-template <typename U>
-FTOPS_HD U select_bits(bool c, U x, U y) {
-#if defined(__CUDA_ARCH__)
-  return c ? x : y;  // one SEL; the mask form costs three instructions on the GPU
-#else
-  return static_cast<U>(y ^ ((x ^ y) & static_cast<U>(U(0) - static_cast<U>(c))));
-#endif
-}
 
 // Conversions between the half types' bits and float32, branch-free (so that the CPU loops
 // vectorize, which c10's conversions with their NaN branches do not) and bit-identical to

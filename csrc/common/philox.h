@@ -67,16 +67,23 @@ FTOPS_HD uint32_t float_to_bits(float f) {
 #endif
 }
 
-// c ? x : y, through an integer mask on the CPU: with `?:` GCC moves the float ops that feed
-// one side under a branch, and (FP ops may trap) then vectorizes the loop only where AVX-512
-// masks can take the branch's place: AVX2 and baseline x86-64 stayed scalar, 8x slower.
-FTOPS_HD float select_float(bool c, float x, float y) {
+// c ? x : y on bit patterns (any unsigned type); on the CPU as mask arithmetic. In the long
+// loops of the undo GCC (12) threads jumps through `?:` selects (the NaN tests especially) and
+// the loops, with branches inside, no longer vectorize; the mask form stays branch-free.
+template <typename U>
+FTOPS_HD U select_bits(bool c, U x, U y) {
 #if defined(__CUDA_ARCH__)
-  return c ? x : y;
+  return c ? x : y;  // one SEL; the mask form costs three instructions on the GPU
 #else
-  const uint32_t mask = 0u - static_cast<uint32_t>(c);
-  return bits_to_float((float_to_bits(x) & mask) | (float_to_bits(y) & ~mask));
+  return static_cast<U>(y ^ ((x ^ y) & static_cast<U>(U(0) - static_cast<U>(c))));
 #endif
+}
+
+// The same on floats. In the noise, `?:` let GCC move the float ops that feed one side under
+// a branch; FP ops may trap, so it then vectorized the loop only where AVX-512 masks can take
+// the branch's place: the AVX2 and baseline x86-64 noise was scalar, 5x slower.
+FTOPS_HD float select_float(bool c, float x, float y) {
+  return bits_to_float(select_bits<uint32_t>(c, float_to_bits(x), float_to_bits(y)));
 }
 
 // Natural log of x in [2^-24, 1] (positive, normal). Cephes logf, branch-free.
@@ -145,8 +152,10 @@ FTOPS_HD float noise_sqrt(float x) {
 
 // Two standard normals from two uint32 words (Box-Muller).
 FTOPS_HD void box_muller(uint32_t xa, uint32_t xb, float& n0, float& n1) {
-  // u1 = (2j+1) * 2^-24 in (0, 1), exact in float; |n| <= 5.77
-  const float u1 = static_cast<float>(static_cast<int32_t>(((xa >> 9) << 1) | 1u)) * 5.9604644775390625e-8f;
+  // u1 = (2j+1) * 2^-24 in (0, 1), exact in float; |n| <= 5.77 (converted as an int32, the
+  // same value: AVX2 has no unsigned conversion)
+  const float u1 =
+      static_cast<float>(static_cast<int32_t>(((xa >> 9) << 1) | 1u)) * 5.9604644775390625e-8f;
   const float r = noise_sqrt(-2.0f * noise_log(u1));
   float s, c;
   noise_sincos_2pi(xb >> 8, s, c);
