@@ -183,6 +183,16 @@ inline __attribute__((always_inline)) void run_undo_terms(
   run_noise_sum<acc_t>(keys, coeffs, n_seeds, b, nb, acc, shared, zu);
 }
 
+// list_failures from position j on, with m positions listed so far: branch-free scalar.
+inline int64_t list_failures_from(const uint8_t* fails, int64_t j, int64_t n, int32_t* idx,
+                                  int64_t m) {
+  for (; j < n; ++j) {
+    idx[m] = static_cast<int32_t>(j);
+    m += fails[j];
+  }
+  return m;
+}
+
 #if defined(FTOPS_X86_SIMD)
 // (GCC 12's AVX-512 headers trip -Wmaybe-uninitialized on their own placeholders)
 #pragma GCC diagnostic push
@@ -200,28 +210,56 @@ __attribute__((target("avx512f"))) int64_t list_failures_avx512(const uint8_t* f
     m += __builtin_popcount(k);
     pos = _mm512_add_epi32(pos, step);
   }
-  for (; j < n; ++j) {
-    idx[m] = static_cast<int32_t>(j);
-    m += fails[j];
-  }
-  return m;
+  return list_failures_from(fails, j, n, idx, m);
 }
 #pragma GCC diagnostic pop
+
+// AVX2 has no compress: a permutation per 8-bit mask (the positions of its set bits, in
+// order) from a 2 KB table, then vpermd.
+struct CompressTable {
+  uint8_t perm[256][8];
+};
+
+constexpr CompressTable make_compress_table() {
+  CompressTable t{};
+  for (int mask = 0; mask < 256; ++mask) {
+    int k = 0;
+    for (int bit = 0; bit < 8; ++bit)
+      if ((mask >> bit) & 1) t.perm[mask][k++] = static_cast<uint8_t>(bit);
+  }
+  return t;
+}
+
+alignas(64) constexpr CompressTable kCompress8 = make_compress_table();
+
+__attribute__((target("avx2"))) int64_t list_failures_avx2(const uint8_t* fails, int64_t n,
+                                                           int32_t* idx) {
+  __m256i pos = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i step = _mm256_set1_epi32(8);
+  int64_t m = 0, j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m128i f = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(fails + j));
+    const int mask = _mm_movemask_epi8(_mm_cmpgt_epi8(f, _mm_setzero_si128())) & 0xff;
+    const __m256i perm = _mm256_cvtepu8_epi32(
+        _mm_loadl_epi64(reinterpret_cast<const __m128i*>(kCompress8.perm[mask])));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(idx + m),
+                        _mm256_permutevar8x32_epi32(pos, perm));
+    m += __builtin_popcount(mask);
+    pos = _mm256_add_epi32(pos, step);
+  }
+  return list_failures_from(fails, j, n, idx, m);
+}
 #endif
 
-// The positions j < n where fails[j] != 0, in order, into idx (room for n + 16 entries);
-// returns their count. AVX-512: a compress of 16 positions per step (3x faster than the
-// scalar loop, which GCC cannot vectorize).
+// The positions j < n where fails[j] != 0 (each 0 or 1), in order, into idx (room for n + 16
+// entries); returns their count. With a SIMD compress of 16 (AVX-512) or 8 (AVX2) positions
+// per step: 3x faster than the scalar loop, which GCC cannot vectorize.
 int64_t list_failures(const uint8_t* fails, int64_t n, int32_t* idx) {
 #if defined(FTOPS_X86_SIMD)
   if (kSimdIsa == SimdIsa::kAvx512) return list_failures_avx512(fails, n, idx);
+  if (kSimdIsa == SimdIsa::kAvx2) return list_failures_avx2(fails, n, idx);
 #endif
-  int64_t m = 0;
-  for (int64_t j = 0; j < n; ++j) {  // branch-free
-    idx[m] = static_cast<int32_t>(j);
-    m += fails[j];
-  }
-  return m;
+  return list_failures_from(fails, 0, n, idx, 0);
 }
 
 constexpr int64_t kLanes = 16;  // gathered elements per exact-path vector
