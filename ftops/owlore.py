@@ -68,6 +68,14 @@ __all__ = ["OwLore", "outlier_ratios", "find_blocks", "galore_param_groups"]
 logger = logging.getLogger(__name__)
 
 # Attribute paths, tried in order, to a model's list of transformer blocks.
+# torch 2.11's torch.compile (dynamo) skips the guards of a module's parameters while the
+# module's dicts are unchanged, and requires_grad_() changes no dict: a compiled model then
+# keeps running the graph of the previous active set (AOT autograd baked in which parameters
+# get gradients), so newly sampled blocks get no gradient. Fixed in torch 2.12 (pytorch#139476,
+# #177158). The sampler replaces the switched blocks' `_parameters` dicts with equal copies,
+# which fails those guards: the model recompiles once per new active set, as on later torch.
+_STALE_REQUIRES_GRAD_GUARDS = tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 12)
+
 _BLOCK_PATHS = (
     "model.layers",            # Llama, Mistral, Qwen2, Gemma (...ForCausalLM)
     "layers",                  # LlamaModel and friends (the base model itself)
@@ -435,6 +443,9 @@ class OwLore:
     def _apply(self, active: list[int]) -> None:
         on = set(active)
         for b, ps in enumerate(self._params):
+            if _STALE_REQUIRES_GRAD_GUARDS and any(p.requires_grad != (b in on) for p in ps):
+                for m in self.blocks[b].modules():
+                    m._parameters = type(m._parameters)(m._parameters)
             if b in on:
                 for p in ps:
                     p.requires_grad_(True)
