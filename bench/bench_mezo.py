@@ -415,6 +415,8 @@ def main(argv=None):
     ap.add_argument("--drift-numel", type=int, default=None)
     ap.add_argument("--pass-numel", type=int, default=None,
                     help="elements of the tensor for the per-pass timings (0: skip them)")
+    ap.add_argument("--passes-only", action="store_true",
+                    help="only the per-pass times (seconds; e.g. to compare FTOPS_ZO_UNDO_SHORTCUT=0)")
     ap.add_argument("--out", default=str(HERE / "results" / "mezo.json"))
     ap.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -460,6 +462,7 @@ def main(argv=None):
         "lr": LR, "eps": EPS, "weight_decay": WD,
         "steps": steps, "warmup": warmup, "memory_steps": mem_steps, "drift_cycles": cycles, "drift_numel": drift_numel,
         "quick": args.quick,
+        "undo_shortcut": os.environ.get("FTOPS_ZO_UNDO_SHORTCUT") != "0",
     }
     print(f"MeZO benchmark: {device} ({info['device_name']}), torch {torch.__version__}, "
           f"torch.get_num_threads() = {info['threads']}")
@@ -472,7 +475,7 @@ def main(argv=None):
         info["copy_bandwidth_Bps"] = bw
         print(f"device-to-device copy bandwidth: {bw / 1e9:.0f} GB/s (read + write)")
 
-    for dt in dtypes:
+    for dt in [] if args.passes_only else dtypes:
         t0 = time.perf_counter()
         tm = time_steps(device, DTYPES[dt], model, steps, warmup)
         entry = {"reference": tm["reference"], "ftops": tm["ftops"], "weight_bytes": tm["weight_bytes"]}
@@ -517,6 +520,13 @@ def main(argv=None):
                      if cuda else "")
             print(f"    {name:13s} {dt:9s} threads={th:>2s}: {t * 1e3:8.2f} ms "
                   f"{pass_numel / t / 1e6:8.1f} Melem/s  {ratio:5.2f}x{floor}")
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if args.passes_only:
+        out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+        print(f"\nJSON: {out}")
+        return 0
 
     for dt in ("bfloat16", "float16"):
         entry = {}
@@ -582,8 +592,6 @@ def main(argv=None):
     print("ulp distances count representable values between final and initial value; their max and "
           "tail come from elements near 0 (tiny ulps), mean/max |err| compare absolute drift.")
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2, default=str) + "\n")
     print(f"\nJSON: {out}")
     return 0

@@ -303,7 +303,7 @@ FTOPS_VECTOR_CLONES void undo_axpby_blocks(scalar_t* p, Span sp, NoiseKey ukey, 
                                     int64_t shared, acc_t d, int64_t b0, int64_t b1) {
   using U = typename FBits<scalar_t>::U;
   constexpr bool kHasShortcut = kUndo && !std::is_same_v<scalar_t, double>;
-  const bool shortcut = kHasShortcut && zo_undo_shortcut_enabled(/*device_default=*/true);
+  const bool shortcut = kHasShortcut && zo_undo_shortcut_enabled();
   alignas(64) acc_t a_run[kRun];
   alignas(64) acc_t acc_run[kRun];
   alignas(64) U bits[kRun];

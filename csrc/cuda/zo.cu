@@ -172,11 +172,7 @@ __global__ void zo_undo_axpby_kernel(const ZoUndoLaunch args) {
   }
 }
 
-// Whether the undo takes its shortcut on CUDA when FTOPS_ZO_UNDO_SHORTCUT is unset: not until a
-// GPU run has checked zo_undo_axpby_shortcut_kernel bit for bit and measured it faster.
-constexpr bool kShortcutByDefault = false;
-
-// zo_undo_axpby_kernel with the undo's shortcut (FTOPS_ZO_UNDO_SHORTCUT=1; not float64): each
+// zo_undo_axpby_kernel with the undo's shortcut (the default; not float64): each
 // lane takes the shortcut for its 4 elements, and the elements where it does not hold (those
 // whose preimage may lie in another binade, ~1 in 6 for typical weights) are gathered in shared
 // memory and shared out over the warp's 32 lanes for the exact path. With a branch instead,
@@ -337,13 +333,15 @@ void zo_axpby_cuda(at::TensorList params, at::IntArrayRef seeds, at::IntArrayRef
   }
 }
 
+// The shortcut kernel only for launches with something to undo: without, it only adds the warp
+// gathering to the plain kernel's work (H100, 67M fp32, a perturbation: 0.44 ms vs 0.29 ms).
 template <typename scalar_t, typename acc_t>
-void launch_undo_axpby(const ZoUndoLaunch& args, bool invertible) {
+void launch_undo_axpby(const ZoUndoLaunch& args, bool invertible, bool any_undo) {
   const int64_t groups = args.base.first_group[args.base.n_tensors];
   if (groups == 0) return;
   const auto stream = c10::cuda::getCurrentCUDAStream();
   if constexpr (!std::is_same_v<scalar_t, double>) {
-    if (zo_undo_shortcut_enabled(kShortcutByDefault)) {
+    if (any_undo && zo_undo_shortcut_enabled()) {
       if (invertible) {
         zo_undo_axpby_shortcut_kernel<scalar_t, acc_t, true>
             <<<grid_for(groups), kThreads, 0, stream>>>(args);
@@ -390,6 +388,7 @@ void zo_undo_axpby_cuda(at::TensorList params, int64_t undo_seed, at::ArrayRef<d
       const size_t stop = std::min(members.size(), start + kMaxTensors);
       b.n_tensors = static_cast<int>(stop - start);
       b.first_group[0] = 0;
+      bool any_undo = false;
       for (size_t j = 0; j < stop - start; ++j) {
         const int64_t k = members[start + j];
         b.ptr[j] = params[k].data_ptr();
@@ -399,13 +398,14 @@ void zo_undo_axpby_cuda(at::TensorList params, int64_t undo_seed, at::ArrayRef<d
         b.id[j] = static_cast<uint32_t>(ids[k]);
         b.decay[j] = decay[k];
         args.undo_coeff[j] = undo_coeffs[k];
+        any_undo = any_undo || undo_coeffs[k] != 0.0;
         for (size_t s = 0; s < seeds.size(); ++s) b.coeff[s][j] = coeffs[s * K + k];
       }
       switch (dtype) {
-        case at::kFloat: launch_undo_axpby<float, float>(args, invertible); break;
-        case at::kDouble: launch_undo_axpby<double, double>(args, invertible); break;
-        case at::kHalf: launch_undo_axpby<at::Half, float>(args, invertible); break;
-        case at::kBFloat16: launch_undo_axpby<at::BFloat16, float>(args, invertible); break;
+        case at::kFloat: launch_undo_axpby<float, float>(args, invertible, any_undo); break;
+        case at::kDouble: launch_undo_axpby<double, double>(args, invertible, any_undo); break;
+        case at::kHalf: launch_undo_axpby<at::Half, float>(args, invertible, any_undo); break;
+        case at::kBFloat16: launch_undo_axpby<at::BFloat16, float>(args, invertible, any_undo); break;
         default: FTOPS_CHECK(false, "ftops.zo_undo_axpby_: unsupported dtype ", dtype);
       }
     }
