@@ -5,4 +5,4 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 # The pytest script (not `python -m pytest`) so the source tree's ftops/ (no _C.so) does not
 # shadow the installed package.
-exec .venv/bin/pytest -q "$@"
+exec "${FTOPS_VENV:-.venv}/bin/pytest" -q "$@"
