@@ -67,7 +67,6 @@ __all__ = ["OwLore", "outlier_ratios", "find_blocks", "galore_param_groups"]
 
 logger = logging.getLogger(__name__)
 
-# Attribute paths, tried in order, to a model's list of transformer blocks.
 # torch 2.11's torch.compile (dynamo) skips the guards of a module's parameters while the
 # module's dicts are unchanged, and requires_grad_() changes no dict: a compiled model then
 # keeps running the graph of the previous active set (AOT autograd baked in which parameters
@@ -76,6 +75,7 @@ logger = logging.getLogger(__name__)
 # which fails those guards: the model recompiles once per new active set, as on later torch.
 _STALE_REQUIRES_GRAD_GUARDS = tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 12)
 
+# Attribute paths, tried in order, to a model's list of transformer blocks.
 _BLOCK_PATHS = (
     "model.layers",            # Llama, Mistral, Qwen2, Gemma (...ForCausalLM)
     "layers",                  # LlamaModel and friends (the base model itself)

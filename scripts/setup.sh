@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 TORCH=${FTOPS_TORCH:-torch==2.14.1}
-VENV=${FTOPS_VENV:-.venv}
+VENV=$(realpath -m "${FTOPS_VENV:-.venv}")
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating $VENV"
@@ -23,6 +23,6 @@ echo "[setup] installing $TORCH and build tools"
 $PIP install -q "$TORCH" "scikit-build-core>=0.10" "cmake>=3.26" ninja pybind11 numpy
 echo "[setup] building ftops (FTOPS_CUDA=${FTOPS_CUDA:-AUTO})"
 build_dir=()
-[ "$VENV" = .venv ] || build_dir=(-C "build-dir=build/$(basename "$VENV")/{wheel_tag}")
+[ "$VENV" = "$(realpath -m .venv)" ] || build_dir=(-C "build-dir=build/$(basename "$VENV")/{wheel_tag}")
 $PIP install -q --no-build-isolation "${build_dir[@]}" ".[test,bench]"
-(cd / && "$OLDPWD/$VENV/bin/python" -c "import ftops; print('[setup] ftops', ftops.__version__, ftops.build_info())")
+(cd / && "$VENV/bin/python" -c "import ftops; print('[setup] ftops', ftops.__version__, ftops.build_info())")
