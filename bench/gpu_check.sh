@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# One-shot check on a machine with a GPU: build from source against the installed torch, run
-# the whole test suite (the `device` fixture adds CUDA), run the benchmarks on CUDA, and print
+# One-shot check on a machine with a GPU: build from source against the installed torch (or
+# install the wheel of bench/build_gpu_wheel.sh, carried as .gpu-wheel/), run the whole test suite (the `device` fixture adds CUDA), run the benchmarks on CUDA, and print
 # a short summary last. Usage (repo root): bash bench/gpu_check.sh [bench/run.py options]
 #
 # Lent GPU time is short (15 minutes a session, start-up included), so the script keeps to a
@@ -27,11 +27,20 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
 
 start=$(date +%s)
-FTOPS_CUDA=ON FTOPS_CUDA_ARCHS=${FTOPS_CUDA_ARCHS:-90} CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
-  $PY -m pip install -q --no-build-isolation --no-deps --no-index . 2>&1 | tail -20
-rc=${PIPESTATUS[0]}
-summary+=("build: rc=$rc in $(( $(date +%s) - start )) s")
-[ "$rc" -eq 0 ] || { printf '%s\n' "${summary[@]}"; exit 1; }
+# A wheel built beforehand on a CPU machine (bench/build_gpu_wheel.sh, carried as .gpu-wheel/)
+# spares the build's minutes, if it fits this machine's torch; else build from source.
+whl=$(ls .gpu-wheel/ftops-*.whl 2>/dev/null | head -1)
+if [ -n "$whl" ] && $PY -m pip install -q --no-deps --no-index --force-reinstall "$whl" 2>&1 | tail -5 \
+   && (cd /tmp && $PY -c "import ftops, torch; b = ftops.build_info(); assert b['cuda'] and b['torch_built'] == torch.__version__, b"); then
+  summary+=("build: installed the prebuilt $(basename "$whl") in $(( $(date +%s) - start )) s")
+else
+  [ -n "$whl" ] && echo "the prebuilt wheel does not fit this machine: building from source"
+  FTOPS_CUDA=ON FTOPS_CUDA_ARCHS=${FTOPS_CUDA_ARCHS:-90} CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) \
+    $PY -m pip install -q --no-build-isolation --no-deps --no-index --force-reinstall . 2>&1 | tail -20
+  rc=${PIPESTATUS[0]}
+  summary+=("build: rc=$rc in $(( $(date +%s) - start )) s")
+  [ "$rc" -eq 0 ] || { printf '%s\n' "${summary[@]}"; exit 1; }
+fi
 (cd /tmp && $PY -c "import ftops; print(ftops.build_info())")
 
 # README "Known issues": an argument error raised in our library must be a RuntimeError, not a

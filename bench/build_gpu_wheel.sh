@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Builds, on a machine without a GPU, the wheel that bench/gpu_check.sh installs on a lent GPU
+# machine instead of compiling there (the build took 143 s of a session's 15 device minutes on
+# 2026-11-26). The wheel must match that machine's torch (2.11.0+cu130 on the H100/H200
+# machines) and GPU (sm_90); the CUDA toolkit here (nvcc 13.0) matches their CUDA 13.0.
+# Usage (repo root): bash bench/build_gpu_wheel.sh   -> .gpu-wheel/ftops-*.whl
+# then pass `carry: [".gpu-wheel"]` to the device call that runs bench/gpu_check.sh.
+#   GPU_TORCH   torch requirement of the GPU machine (default torch==2.11.0)
+#   GPU_ARCHS   CUDA architectures (default 90)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TORCH=${GPU_TORCH:-torch==2.11.0}
+VENV=.venv-gpu-wheel
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+"$VENV/bin/python" -m pip install -q "$TORCH" "scikit-build-core>=0.10" "cmake>=3.26" ninja pybind11 numpy
+rm -rf .gpu-wheel
+FTOPS_CUDA=ON FTOPS_CUDA_ARCHS=${GPU_ARCHS:-90} "$VENV/bin/python" -m pip wheel -q --no-build-isolation \
+  --no-deps -C "build-dir=build/gpu-wheel/{wheel_tag}" -w .gpu-wheel .
+ls -la .gpu-wheel
