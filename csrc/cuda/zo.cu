@@ -88,8 +88,13 @@ __device__ __forceinline__ void update_group(const ZoLaunch& args, const GroupAt
   }
 }
 
+// The plain kernels need ~38 registers for float/half types (no spills) when held to 6 blocks
+// of 256 threads per SM; left free, ptxas took 45 (5 blocks). float64 needs more: no bound.
+template <typename acc_t>
+constexpr int kMinBlocks = sizeof(acc_t) == 4 ? 6 : 1;
+
 template <typename scalar_t, typename acc_t>
-__global__ void zo_axpby_kernel(const ZoLaunch args) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks<acc_t>) zo_axpby_kernel(const ZoLaunch args) {
   const int64_t total = args.first_group[args.n_tensors];
   int k = 0;
   for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < total;
@@ -117,6 +122,7 @@ struct ZoUndoLaunch {
   ZoLaunch base;
   double undo_coeff[kMaxTensors];
   uint64_t undo_seed;
+  PhiloxRoundKeys undo_keys;  // of undo_seed: every pass of a MeZO step draws its noise here
   int shared;  // the apply seed whose noise is the undo noise, or -1
 };
 
@@ -131,8 +137,8 @@ __device__ __forceinline__ bool undo_axpby_noise(const ZoUndoLaunch& args, const
   const bool undo = u != acc_t(0);
   float zu[4] = {0.f, 0.f, 0.f, 0.f};
   if (undo || args.shared >= 0) {
-    noise_normals(make_noise_key(args.undo_seed, b.id[at.k]), static_cast<uint64_t>(at.group),
-                  zu[0], zu[1], zu[2], zu[3]);
+    noise_normals(args.undo_keys, b.id[at.k], static_cast<uint64_t>(at.group), zu[0], zu[1],
+                  zu[2], zu[3]);
   }
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
@@ -153,7 +159,7 @@ __device__ __forceinline__ bool undo_axpby_noise(const ZoUndoLaunch& args, const
 }
 
 template <typename scalar_t, typename acc_t, bool kInvertible>
-__global__ void zo_undo_axpby_kernel(const ZoUndoLaunch args) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks<acc_t>) zo_undo_axpby_kernel(const ZoUndoLaunch args) {
   const ZoLaunch& b = args.base;
   const int64_t total = b.first_group[b.n_tensors];
   int k = 0;
@@ -381,6 +387,8 @@ void zo_undo_axpby_cuda(at::TensorList params, int64_t undo_seed, at::ArrayRef<d
     for (size_t start = 0; start < members.size(); start += kMaxTensors) {
       ZoUndoLaunch args{};
       args.undo_seed = static_cast<uint64_t>(undo_seed);
+      const NoiseKey undo_key = make_noise_key(args.undo_seed, 0);
+      args.undo_keys = philox_round_keys(undo_key.k0, undo_key.k1);
       args.shared = shared;
       ZoLaunch& b = args.base;
       b.n_seeds = static_cast<int>(seeds.size());
@@ -413,25 +421,27 @@ void zo_undo_axpby_cuda(at::TensorList params, int64_t undo_seed, at::ArrayRef<d
 }
 
 // Noise of elements [offset, offset + numel) into out[0, numel).
-__global__ void zo_noise_kernel(NoiseKey key, int64_t offset, int64_t numel, float* out) {
+__global__ void zo_noise_kernel(PhiloxRoundKeys rk, uint32_t id, int64_t offset, int64_t numel,
+                                float* out) {
   const int64_t groups = span_groups(offset, numel);
   for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < groups;
        g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t group = offset / 4 + g, first = 4 * group - offset;
     float z[4];
-    noise_normals(key, static_cast<uint64_t>(group), z[0], z[1], z[2], z[3]);
+    noise_normals(rk, id, static_cast<uint64_t>(group), z[0], z[1], z[2], z[3]);
     for (int j = 0; j < 4; ++j)
       if (first + j >= 0 && first + j < numel) out[first + j] = z[j];
   }
 }
 
-__global__ void zo_noise_bits_kernel(NoiseKey key, int64_t offset, int64_t numel, int64_t* out) {
+__global__ void zo_noise_bits_kernel(PhiloxRoundKeys rk, uint32_t id, int64_t offset,
+                                     int64_t numel, int64_t* out) {
   const int64_t groups = span_groups(offset, numel);
   for (int64_t g = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; g < groups;
        g += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t group = offset / 4 + g, first = 4 * group - offset;
     uint32_t w[4];
-    noise_words(key, static_cast<uint64_t>(group), w[0], w[1], w[2], w[3]);
+    noise_words(rk, id, static_cast<uint64_t>(group), w[0], w[1], w[2], w[3]);
     for (int j = 0; j < 4; ++j)
       if (first + j >= 0 && first + j < numel) out[first + j] = w[j];
   }
@@ -444,9 +454,9 @@ at::Tensor zo_noise_cuda(const at::Tensor& like, int64_t seed, int64_t index, in
                                                .memory_format(at::MemoryFormat::Contiguous));
   const int64_t groups = span_groups(offset, out.numel());
   if (groups > 0) {
+    const NoiseKey key = make_noise_key(static_cast<uint64_t>(seed), static_cast<uint64_t>(index));
     zo_noise_kernel<<<grid_for(groups), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        make_noise_key(static_cast<uint64_t>(seed), static_cast<uint64_t>(index)), offset,
-        out.numel(), out.data_ptr<float>());
+        philox_round_keys(key.k0, key.k1), key.id, offset, out.numel(), out.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return out;
@@ -458,9 +468,9 @@ at::Tensor zo_noise_bits_cuda(const at::Tensor& like, int64_t seed, int64_t inde
   at::Tensor out = at::empty({like.numel()}, like.options().dtype(at::kLong).layout(at::kStrided));
   const int64_t groups = span_groups(offset, out.numel());
   if (groups > 0) {
+    const NoiseKey key = make_noise_key(static_cast<uint64_t>(seed), static_cast<uint64_t>(index));
     zo_noise_bits_kernel<<<grid_for(groups), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        make_noise_key(static_cast<uint64_t>(seed), static_cast<uint64_t>(index)), offset,
-        out.numel(), out.data_ptr<int64_t>());
+        philox_round_keys(key.k0, key.k1), key.id, offset, out.numel(), out.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return out;
