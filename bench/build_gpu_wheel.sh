@@ -16,4 +16,5 @@ VENV=.venv-gpu-wheel
 rm -rf .gpu-wheel
 FTOPS_CUDA=ON FTOPS_CUDA_ARCHS=${GPU_ARCHS:-90} "$VENV/bin/python" -m pip wheel -q --no-build-isolation \
   --no-deps -C "build-dir=build/gpu-wheel/{wheel_tag}" -w .gpu-wheel .
+bash bench/source_hash.sh > .gpu-wheel/source.sha256  # gpu_check.sh: is the wheel still current?
 ls -la .gpu-wheel

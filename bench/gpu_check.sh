@@ -30,6 +30,10 @@ start=$(date +%s)
 # A wheel built beforehand on a CPU machine (bench/build_gpu_wheel.sh, carried as .gpu-wheel/)
 # spares the build's minutes, if it fits this machine's torch; else build from source.
 whl=$(ls .gpu-wheel/ftops-*.whl 2>/dev/null | head -1)
+if [ -n "$whl" ] && [ "$(cat .gpu-wheel/source.sha256 2>/dev/null)" != "$(bash bench/source_hash.sh)" ]; then
+  echo "the prebuilt wheel was built from other sources than these (bench/source_hash.sh): building from source"
+  whl=""
+fi
 if [ -n "$whl" ] && $PY -m pip install -q --no-deps --no-index --force-reinstall "$whl" 2>&1 | tail -5 \
    && (cd /tmp && $PY -c "import ftops, torch; b = ftops.build_info(); assert b['cuda'] and b['torch_built'] == torch.__version__, b"); then
   summary+=("build: installed the prebuilt $(basename "$whl") in $(( $(date +%s) - start )) s")
