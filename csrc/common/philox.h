@@ -208,8 +208,13 @@ FTOPS_HD NoiseKey make_noise_key(uint64_t seed, uint64_t id) {
                   static_cast<uint32_t>(id)};
 }
 
-// The 4 raw words of group g, from the seed's round keys (philox_round_keys(key.k0, key.k1))
-// and the tensor id.
+// The round keys of a noise key's seed (its id is not part of the Philox key).
+FTOPS_HD PhiloxRoundKeys philox_round_keys(const NoiseKey& key) {
+  return philox_round_keys(key.k0, key.k1);
+}
+
+// The 4 raw words of group g, from the seed's round keys (philox_round_keys(key)) and the
+// tensor id.
 FTOPS_HD void noise_words(const PhiloxRoundKeys& rk, uint32_t id, uint64_t g, uint32_t& w0,
                           uint32_t& w1, uint32_t& w2, uint32_t& w3) {
   w0 = static_cast<uint32_t>(g);
@@ -221,7 +226,7 @@ FTOPS_HD void noise_words(const PhiloxRoundKeys& rk, uint32_t id, uint64_t g, ui
 
 FTOPS_HD void noise_words(const NoiseKey& key, uint64_t g, uint32_t& w0, uint32_t& w1,
                           uint32_t& w2, uint32_t& w3) {
-  noise_words(philox_round_keys(key.k0, key.k1), key.id, g, w0, w1, w2, w3);
+  noise_words(philox_round_keys(key), key.id, g, w0, w1, w2, w3);
 }
 
 // The 4 normals of group g: elements 4g, 4g+1, 4g+2, 4g+3.
@@ -235,7 +240,7 @@ FTOPS_HD void noise_normals(const PhiloxRoundKeys& rk, uint32_t id, uint64_t g, 
 
 FTOPS_HD void noise_normals(const NoiseKey& key, uint64_t g, float& n0, float& n1, float& n2,
                             float& n3) {
-  noise_normals(philox_round_keys(key.k0, key.k1), key.id, g, n0, n1, n2, n3);
+  noise_normals(philox_round_keys(key), key.id, g, n0, n1, n2, n3);
 }
 
 }  // namespace ftops

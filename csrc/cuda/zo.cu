@@ -387,8 +387,7 @@ void zo_undo_axpby_cuda(at::TensorList params, int64_t undo_seed, at::ArrayRef<d
     for (size_t start = 0; start < members.size(); start += kMaxTensors) {
       ZoUndoLaunch args{};
       args.undo_seed = static_cast<uint64_t>(undo_seed);
-      const NoiseKey undo_key = make_noise_key(args.undo_seed, 0);
-      args.undo_keys = philox_round_keys(undo_key.k0, undo_key.k1);
+      args.undo_keys = philox_round_keys(make_noise_key(args.undo_seed, 0));
       args.shared = shared;
       ZoLaunch& b = args.base;
       b.n_seeds = static_cast<int>(seeds.size());
@@ -456,7 +455,7 @@ at::Tensor zo_noise_cuda(const at::Tensor& like, int64_t seed, int64_t index, in
   if (groups > 0) {
     const NoiseKey key = make_noise_key(static_cast<uint64_t>(seed), static_cast<uint64_t>(index));
     zo_noise_kernel<<<grid_for(groups), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        philox_round_keys(key.k0, key.k1), key.id, offset, out.numel(), out.data_ptr<float>());
+        philox_round_keys(key), key.id, offset, out.numel(), out.data_ptr<float>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return out;
@@ -470,7 +469,7 @@ at::Tensor zo_noise_bits_cuda(const at::Tensor& like, int64_t seed, int64_t inde
   if (groups > 0) {
     const NoiseKey key = make_noise_key(static_cast<uint64_t>(seed), static_cast<uint64_t>(index));
     zo_noise_bits_kernel<<<grid_for(groups), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
-        philox_round_keys(key.k0, key.k1), key.id, offset, out.numel(), out.data_ptr<int64_t>());
+        philox_round_keys(key), key.id, offset, out.numel(), out.data_ptr<int64_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
   return out;
