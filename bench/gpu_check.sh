@@ -106,10 +106,11 @@ else
 fi
 summary+=("tests took $(( $(date +%s) - start )) s")
 
-# The benchmarks: MeZO in full first (the bandwidth floor), then the rest quick while time lasts.
+# The benchmarks: MeZO in full first (the bandwidth floor; its step timing in 3 fresh processes
+# per dtype, since the reference moves between processes), then the rest quick while time lasts.
 start=$(date +%s)
 : > "$OUTDIR/bench.log"
-(cd bench && $PY run.py --device cuda --only mezo --timeout "$(cap ${BENCH_TIMEOUT:-150} 20)" "$@" 2>&1) \
+(cd bench && $PY run.py --device cuda --only mezo --timeout "$(cap ${BENCH_TIMEOUT:-210} 20)" "$@" 2>&1) \
   | tee -a "$OUTDIR/bench.log" | grep -vE '^\s*$' | tail -80
 # The undo passes without the shortcut (FTOPS_ZO_UNDO_SHORTCUT=0, the exact path everywhere),
 # to compare with the default's per-pass lines above (2026-11-26, H100: the shortcut's undo +
