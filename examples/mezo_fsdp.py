@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 import ftops
+from tiny_model import local_device
 
 
 def make_model(width: int, depth: int) -> torch.nn.Sequential:
@@ -57,10 +58,7 @@ def main():
     ap.add_argument("--check", action="store_true", help="compare with one process (FSDP2 mode)")
     args = ap.parse_args()
 
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
+    device = local_device()
     reference = None
     if args.check and args.mode == "fsdp" and int(os.environ.get("RANK", 0)) == 0:
         # before the process group exists, so that this MeZO runs as a single process
@@ -69,7 +67,7 @@ def main():
         reference = (train(single, X, y, args.steps, args.lr, args.n_samples),
                      [p.detach() for p in single.parameters()])
 
-    dist.init_process_group("nccl" if cuda else "gloo")
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
 
     model = make_model(args.width, args.depth).to(device)

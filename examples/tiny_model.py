@@ -74,14 +74,27 @@ def lm_loss(model, tokens):
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
 
 
-def setup():
-    """Join the torchrun process group (gloo on CPU, nccl on GPUs); returns (rank, world, device)."""
-    cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if cuda:
+def local_device() -> torch.device:
+    """This process's device under torchrun: GPU number LOCAL_RANK when the machine has a GPU for
+    each of its processes, else the CPU, with a notice (2 processes on a 1-GPU machine would
+    otherwise fail in torch.cuda.set_device with "invalid device ordinal")."""
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus >= local_world:
+        device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+        return device
+    if gpus and local_rank == 0:
+        print(f"{local_world} processes but {gpus} GPU(s) on this machine: running on the CPU (gloo)")
+    return torch.device("cpu")
+
+
+def setup():
+    """Join the torchrun process group (nccl on GPUs, gloo on the CPU); returns (rank, world, device)."""
+    device = local_device()
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)  # the same initial model on every rank
     return rank, world, device
 

@@ -1,4 +1,5 @@
-"""The torchrun examples in examples/ run to the end with 2 CPU processes (gloo), so they cannot
+"""The torchrun examples in examples/ run to the end with 2 processes (gloo on the CPU; nccl where
+the machine has a GPU for each, see examples/tiny_model.local_device), so they cannot
 rot unnoticed. Each is a short script; the assertions check the line it ends with."""
 import os
 import subprocess
