@@ -534,8 +534,9 @@ def test_undo_where_the_shortcut_rounding_ties(device, dtype):
     """Offsets a that put t + a on (or a float32 ulp or two beside) a midpoint of the spacing h
     around p: a = (m + 1/2) h + d ulp(a), for weights across many binades, each weight its own
     one-element tensor with its own coefficient (searched so that fl(u z) is that a). Here the
-    shortcut's k = floor(a/h + 1/2) must be exact (a/h + 1/2 itself rounds in float32). Compared
-    with the reference rule; rerun in the other shortcut mode (test below)."""
+    shortcut's rounding of a to a multiple of h must go up at an exact tie (its (a + big) - big
+    rounds ties to even). Compared with the reference rule; rerun in the other shortcut mode
+    (test below)."""
     g = torch.Generator().manual_seed(7)
     K = 300
     mags = torch.exp2(torch.randint(-20, 8, (K,), generator=g).double()) * (1 + torch.rand(K, generator=g, dtype=torch.float64))
@@ -552,6 +553,39 @@ def test_undo_where_the_shortcut_rounding_ties(device, dtype):
     ps = [F(theta[k : k + 1], a[k : k + 1]).to(device) for k in ids]
     p_all = torch.cat([q.cpu() for q in ps])
     _ops.zo_undo_axpby_(ps, 13, [float(v) for v in u], [], ids, [], [0.0] * K)
+    got = torch.cat([q.cpu() for q in ps])
+    assert torch.equal(bits(got), bits(ref_undo(p_all, a)))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_undo_where_the_offset_is_near_the_shortcut_guard(device, dtype):
+    """The shortcut rounds a to a multiple of p's spacing h as (a + big) - big, big = 1.5 * 2^23 h,
+    which is exact only while |a| < 2^22 h; its guard |a| < 2^(e-1) (p in [2^e, 2^(e+1))) keeps
+    it there, and equals that bound for float32. Offsets a few float32 ulps either side of
+    +-2^(e-1), +-2^e and +-2^22 h, for weights across binades where t and p can share a binade:
+    compared with the reference rule; rerun in the other shortcut mode (test below)."""
+    g = torch.Generator().manual_seed(11)
+    K = 240
+    e = torch.randint(-20, 10, (K,), generator=g).double()
+    # theta in the upper part of its binade, so that t = p - a for |a| ~ 2^(e-1) stays there
+    theta = (torch.exp2(e) * (1.55 + 0.4 * torch.rand(K, generator=g, dtype=torch.float64)) *
+             torch.where(torch.rand(K, generator=g) < 0.5, -1.0, 1.0).double()).to(dtype)
+    mant = {torch.float32: 23, torch.bfloat16: 7, torch.float16: 10}[dtype]
+    bound = torch.stack([torch.exp2(e - 1), torch.exp2(e), torch.exp2(e - mant + 22)])
+    pick = torch.randint(0, 3, (K,), generator=g)
+    mag = bound[pick, torch.arange(K)] * torch.where(torch.rand(K, generator=g) < 0.5, -1.0, 1.0).double()
+    d = torch.randint(-3, 4, (K,), generator=g)
+    target = step(mag.float(), d)
+    ids = list(range(K))
+    z = torch.stack([_ops.zo_noise(torch.zeros(1), 17, k)[0] for k in ids])
+    u = _coeffs_for_offsets(z, target)
+    a = u * z + 0.0
+    assert int((a == target).sum()) > K // 2
+    ps = [F(theta[k : k + 1], a[k : k + 1]).to(device) for k in ids]
+    p_all = torch.cat([q.cpu() for q in ps])
+    finite = torch.isfinite(p_all)
+    assert int(finite.sum()) > K // 2
+    _ops.zo_undo_axpby_(ps, 17, [float(v) for v in u], [], ids, [], [0.0] * K)
     got = torch.cat([q.cpu() for q in ps])
     assert torch.equal(bits(got), bits(ref_undo(p_all, a)))
 
