@@ -121,8 +121,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<acc_t>) zo_axpby_kernel(c
 struct ZoUndoLaunch {
   ZoLaunch base;
   double undo_coeff[kMaxTensors];
-  uint64_t undo_seed;
-  PhiloxRoundKeys undo_keys;  // of undo_seed: every pass of a MeZO step draws its noise here
+  PhiloxRoundKeys undo_keys;  // of the undo seed: every pass of a MeZO step draws its noise here
   int shared;  // the apply seed whose noise is the undo noise, or -1
 };
 
@@ -386,8 +385,7 @@ void zo_undo_axpby_cuda(at::TensorList params, int64_t undo_seed, at::ArrayRef<d
   for (const auto& [dtype, members] : by_dtype) {
     for (size_t start = 0; start < members.size(); start += kMaxTensors) {
       ZoUndoLaunch args{};
-      args.undo_seed = static_cast<uint64_t>(undo_seed);
-      args.undo_keys = philox_round_keys(make_noise_key(args.undo_seed, 0));
+      args.undo_keys = philox_round_keys(make_noise_key(static_cast<uint64_t>(undo_seed), 0));
       args.shared = shared;
       ZoLaunch& b = args.base;
       b.n_seeds = static_cast<int>(seeds.size());
