@@ -88,6 +88,103 @@ __device__ __forceinline__ void update_group(const ZoLaunch& args, const GroupAt
   }
 }
 
+// The elements of group `at` that the tensor holds, as bit patterns (the others read as 0, not
+// valid): one 4-wide load when the whole group is there and aligned. store_group writes back the
+// valid ones.
+template <typename U>
+struct GroupBits {
+  U* p;
+  int64_t first;
+  bool whole;
+  bool valid[4];
+  U x[4];
+};
+
+template <typename U>
+__device__ __forceinline__ GroupBits<U> load_group(const ZoLaunch& args, const GroupAt& at) {
+  GroupBits<U> gb;
+  gb.p = static_cast<U*>(args.ptr[at.k]);
+  gb.first = at.first;
+  const int64_t numel = args.numel[at.k];
+  gb.whole = at.first >= 0 && at.first + 4 <= numel &&
+             reinterpret_cast<uintptr_t>(gb.p + at.first) % sizeof(Vec4<U>) == 0;
+  if (gb.whole) {
+    const Vec4<U> x = *reinterpret_cast<const Vec4<U>*>(gb.p + at.first);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      gb.x[j] = x.v[j];
+      gb.valid[j] = true;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t i = at.first + j;
+      gb.valid[j] = i >= 0 && i < numel;
+      gb.x[j] = gb.valid[j] ? gb.p[i] : U(0);
+    }
+  }
+  return gb;
+}
+
+template <typename U>
+__device__ __forceinline__ void store_group(const GroupBits<U>& gb, const U out[4]) {
+  if (gb.whole) {
+    Vec4<U> x;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) x.v[j] = out[j];
+    *reinterpret_cast<Vec4<U>*>(gb.p + gb.first) = x;
+  } else {
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      if (gb.valid[j]) gb.p[gb.first + j] = out[j];
+  }
+}
+
+// zo_apply_bits for a lane's 4 elements (recovered values tb), the same results with less work:
+//  * without weight decay (every pass of a step but the last) the decay term, +0, is skipped;
+//  * bfloat16 with ties up (a perturbation to undo later): the TwoSum error of the float32 sum
+//    v + t decides only where that sum lies exactly on a bfloat16 midpoint (about 1 sum in 2^16;
+//    elsewhere bf16_round_up_ties ignores it), so it is computed only when one of the 4 sums does.
+// Both are branches over blocks that warps almost never run (the TwoSums: 24 SASS instructions
+// per group on sm_90, the decay: predicated off).
+template <typename scalar_t, typename acc_t, bool kInvertible>
+__device__ __forceinline__ void apply_group(const typename FBits<scalar_t>::U tb[4],
+                                            const acc_t acc[4], acc_t d,
+                                            typename FBits<scalar_t>::U out[4]) {
+  acc_t v[4], t[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    v[j] = FBits<scalar_t>::to_f(tb[j]);
+    t[j] = acc[j];  // acc - (+0) is acc, bit for bit (-0 included)
+  }
+  if (d != acc_t(0)) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) t[j] = acc[j] - decay_term<acc_t>(d, v[j]);
+  }
+  if constexpr (kInvertible && std::is_same_v<scalar_t, c10::BFloat16>) {
+    float s[4];
+    bool midpoint = false;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      s[j] = v[j] + t[j];
+      midpoint = midpoint || (float_to_bits(s[j]) & 0xffffu) == 0x8000u;
+    }
+    float err[4] = {0.0f, 0.0f, 0.0f, 0.0f};  // ignored off a midpoint
+    if (midpoint) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) err[j] = two_sum_err<float>(v[j], t[j], s[j]);
+    }
+#pragma unroll
+    for (int j = 0; j < 4; ++j) out[j] = bf16_round_up_ties(s[j], err[j]);
+  } else if constexpr (kInvertible) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) out[j] = round_up_ties_bits<scalar_t, acc_t>(v[j], t[j]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) out[j] = FBits<scalar_t>::from_f(v[j] + t[j]);
+  }
+}
+
 // The plain kernels need ~38 registers for float/half types (no spills) when held to 6 blocks
 // of 256 threads per SM; left free, ptxas took 45 (5 blocks). float64 needs more: no bound.
 template <typename acc_t>
@@ -168,12 +265,13 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<acc_t>) zo_undo_axpby_ker
     acc_t a[4], acc[4];
     const bool undo = undo_axpby_noise<acc_t>(args, at, a, acc);
     const acc_t d = static_cast<acc_t>(b.decay[at.k]);
-    update_group<scalar_t>(b, at, [&](int j, scalar_t x) {
-      const auto pb = FBits<scalar_t>::get(x);
-      const auto tb = undo ? zo_undo_bits<scalar_t, acc_t>(pb, a[j]) : pb;
-      return FBits<scalar_t>::make(
-          zo_apply_bits<scalar_t, acc_t, kInvertible>(FBits<scalar_t>::to_f(tb), acc[j], d));
-    });
+    using U = typename FBits<scalar_t>::U;
+    const GroupBits<U> gb = load_group<U>(b, at);
+    U tb[4], out[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) tb[j] = undo ? zo_undo_bits<scalar_t, acc_t>(gb.x[j], a[j]) : gb.x[j];
+    apply_group<scalar_t, acc_t, kInvertible>(tb, acc, d, out);
+    store_group<U>(gb, out);
   }
 }
 
@@ -199,47 +297,25 @@ __global__ void zo_undo_axpby_shortcut_kernel(const ZoUndoLaunch args) {
   int k = 0;
   for (int64_t g0 = blockIdx.x * static_cast<int64_t>(blockDim.x) + (threadIdx.x - lane); g0 < total;
        g0 += stride) {
-    const int64_t g = g0 + lane;
-    const bool active = g < total;
-    GroupAt at{0, 0, 0};
-    U pb[4] = {0, 0, 0, 0};
-    bool valid[4] = {false, false, false, false};
-    acc_t a[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
-    acc_t acc[4] = {acc_t(0), acc_t(0), acc_t(0), acc_t(0)};
-    bool undo = false;
-    acc_t d = acc_t(0);
-    U* p = nullptr;
-    bool whole = false;
-    if (active) {
-      at = group_at(b, g, k);
-      undo = undo_axpby_noise<acc_t>(args, at, a, acc);
-      d = static_cast<acc_t>(b.decay[at.k]);
-      p = static_cast<U*>(b.ptr[at.k]);
-      const int64_t numel = b.numel[at.k];
-      whole = at.first >= 0 && at.first + 4 <= numel &&
-              reinterpret_cast<uintptr_t>(p + at.first) % (4 * sizeof(U)) == 0;
-      if (whole) {
-        const Vec4<U> x = *reinterpret_cast<const Vec4<U>*>(p + at.first);
+    // Lanes past the end redo the last group but store nothing: every lane runs the same code
+    // (zeroing their state instead cost ~19 instructions an iteration on every lane).
+    const bool active = g0 + lane < total;
+    const GroupAt at = group_at(b, active ? g0 + lane : total - 1, k);
+    acc_t a[4], acc[4];
+    const bool undo = undo_axpby_noise<acc_t>(args, at, a, acc);
+    const acc_t d = static_cast<acc_t>(b.decay[at.k]);
+    GroupBits<U> gb = load_group<U>(b, at);
 #pragma unroll
-        for (int j = 0; j < 4; ++j) { pb[j] = x.v[j]; valid[j] = true; }
-      } else {
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          const int64_t i = at.first + j;
-          valid[j] = i >= 0 && i < numel;
-          if (valid[j]) pb[j] = p[i];
-        }
-      }
-    }
+    for (int j = 0; j < 4; ++j) gb.valid[j] = gb.valid[j] && active;
     // the shortcut, and the elements it leaves to the exact path
     U tb[4];
     bool slow[4];
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       bool ok = false;
-      const U t = zo_undo_shortcut_bits<scalar_t, acc_t>(pb[j], a[j], ok);
-      tb[j] = undo ? t : pb[j];
-      slow[j] = valid[j] && undo && !ok;
+      const U t = zo_undo_shortcut_bits<scalar_t, acc_t>(gb.x[j], a[j], ok);
+      tb[j] = undo ? t : gb.x[j];
+      slow[j] = gb.valid[j] && undo && !ok;
     }
     unsigned mask[4];
     int pos[4];
@@ -255,7 +331,7 @@ __global__ void zo_undo_axpby_shortcut_kernel(const ZoUndoLaunch args) {
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
         if (slow[j]) {
-          wp[pos[j]] = pb[j];
+          wp[pos[j]] = gb.x[j];
           wa[pos[j]] = a[j];
         }
       }
@@ -269,20 +345,8 @@ __global__ void zo_undo_axpby_shortcut_kernel(const ZoUndoLaunch args) {
     }
     if (active) {
       U out[4];
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        out[j] = zo_apply_bits<scalar_t, acc_t, kInvertible>(FBits<scalar_t>::to_f(tb[j]), acc[j], d);
-      }
-      if (whole) {
-        Vec4<U> x;
-#pragma unroll
-        for (int j = 0; j < 4; ++j) x.v[j] = out[j];
-        *reinterpret_cast<Vec4<U>*>(p + at.first) = x;
-      } else {
-#pragma unroll
-        for (int j = 0; j < 4; ++j)
-          if (valid[j]) p[at.first + j] = out[j];
-      }
+      apply_group<scalar_t, acc_t, kInvertible>(tb, acc, d, out);
+      store_group<U>(gb, out);
     }
   }
 }
