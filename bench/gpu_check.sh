@@ -112,6 +112,28 @@ start=$(date +%s)
 : > "$OUTDIR/bench.log"
 (cd bench && $PY run.py --device cuda --only mezo --timeout "$(cap ${BENCH_TIMEOUT:-210} 20)" "$@" 2>&1) \
   | tee -a "$OUTDIR/bench.log" | grep -vE '^\s*$' | tail -80
+# A/B: the per-pass times of this build and of an earlier commit's (bench/build_gpu_wheel.sh
+# with GPU_AB_BASE, carried in .gpu-wheel/base/), alternating, on this machine in one run: the
+# difference between kernel versions without the spread between machines and sessions.
+base_whl=$(ls .gpu-wheel/base/ftops-*.whl 2>/dev/null | head -1)
+if [ -n "$base_whl" ] && [ "$(left)" -gt 80 ]; then
+  base_site=/tmp/ftops_ab_base
+  rm -rf "$base_site"
+  $PY -m pip install -q --no-deps --no-index --target "$base_site" "$base_whl" 2>&1 | tail -3
+  echo; echo "=== mezo passes, A/B: this build vs $(cut -c1-12 .gpu-wheel/base/commit) (ms per pass)" \
+    | tee -a "$OUTDIR/bench.log"
+  (cd /tmp && PYTHONPATH=$base_site $PY -c "import ftops; print('  base:', ftops.__file__, ftops.build_info()['cuda'])")
+  for round in 1 2; do
+    for which in this base; do
+      [ "$(left)" -gt 40 ] || break
+      site=""; [ "$which" = base ] && site=$base_site
+      (cd bench && PYTHONPATH=$site timeout "$(cap 45 20)" $PY bench_mezo.py --device cuda \
+          --passes-only --out "results/mezo_passes_ab_${which}_$round.json" 2>&1) \
+        | grep -E 'threads=' | sed "s/^/  $which $round: /" | tee -a "$OUTDIR/bench.log"
+    done
+  done
+  summary+=("A/B passes vs $(cut -c1-12 .gpu-wheel/base/commit): see bench.log ('=== mezo passes, A/B')")
+fi
 # The undo passes without the shortcut (FTOPS_ZO_UNDO_SHORTCUT=0, the exact path everywhere),
 # to compare with the default's per-pass lines above (2026-11-26, H100: the shortcut's undo +
 # perturbation 0.56 vs 0.63 ms fp32 per 2^26). Seconds.
