@@ -241,6 +241,12 @@ __device__ __forceinline__ bool undo_axpby_noise(const ZoUndoLaunch& args, const
     a[j] = undo_offset<acc_t>(u, zu[j]);
     acc[j] = acc_t(0);
   }
+  if (b.n_seeds == 1 && args.shared == 0) {  // a MeZO step's passes (one sample): no loop
+    const acc_t c = static_cast<acc_t>(b.coeff[0][at.k]);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) acc[j] = acc[j] + c * static_cast<acc_t>(zu[j]);
+    return undo;
+  }
   for (int s = 0; s < b.n_seeds; ++s) {
     float z[4] = {zu[0], zu[1], zu[2], zu[3]};
     if (s != args.shared) {
