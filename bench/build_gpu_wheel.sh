@@ -15,12 +15,13 @@ TORCH=${GPU_TORCH:-torch==2.11.0}
 VENV=.venv-gpu-wheel
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q "$TORCH" "scikit-build-core>=0.10" "cmake>=3.26" ninja pybind11 numpy
-rm -rf .gpu-wheel
+rm -f .gpu-wheel/ftops-*.whl .gpu-wheel/source.sha256  # (an earlier base/ stays: GPU_AB_BASE replaces it)
 FTOPS_CUDA=ON FTOPS_CUDA_ARCHS=${GPU_ARCHS:-90} "$VENV/bin/python" -m pip wheel -q --no-build-isolation \
   --no-deps -C "build-dir=build/gpu-wheel/{wheel_tag}" -w .gpu-wheel .
 bash bench/source_hash.sh > .gpu-wheel/source.sha256  # gpu_check.sh: is the wheel still current?
 if [ -n "${GPU_AB_BASE:-}" ]; then
   base=$(git rev-parse --verify "$GPU_AB_BASE^{commit}")
+  rm -rf .gpu-wheel/base
   src=build/gpu-ab-src
   git worktree remove --force "$src" 2>/dev/null || rm -rf "$src"
   git worktree add -q --detach "$src" "$base"
