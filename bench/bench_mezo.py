@@ -376,13 +376,17 @@ def drift(impl, device, dtype, numel, cycles, seed=0) -> dict:
 def pass_times(device, numel, thread_counts, reps=7) -> dict:
     """Median time of each kind of MeZO pass on one tensor of `numel` elements, per dtype and
     CPU thread count: the perturbation (noise + ties-up rounding), the exact undo fused with the
-    next perturbation (MeZO's second pass), and a plain zo_axpby_ (replay's pass)."""
+    next perturbation (MeZO's second pass), and a plain zo_axpby_ (replay's pass). For scale,
+    torch's own in-place ``Tensor.normal_`` (its generator: writes the tensor without reading
+    it, with fast-math Box-Muller on CUDA) is timed last: how near the floor a pass that only
+    generates Gaussian noise gets on this device."""
     from ftops import _ops
 
     passes = {
         "perturb": lambda p: _ops.zo_undo_axpby_([p], 7, [0.0], [7], [0], [EPS], [0.0], True),
         "undo+perturb": lambda p: _ops.zo_undo_axpby_([p], 7, [EPS], [7], [0], [-EPS], [0.0], True),
         "axpby": lambda p: _ops.zo_axpby_([p], [7], [0], [EPS], [0.0]),
+        "torch.normal_": lambda p: p.normal_(),  # last: it overwrites the weights
     }
     old_threads = torch.get_num_threads()
     out = {}
