@@ -67,27 +67,6 @@ __device__ __forceinline__ GroupAt group_at(const ZoLaunch& args, int64_t g, int
   return GroupAt{k, group, 4 * group - args.offset[k]};
 }
 
-// Applies f(j, value) -> new value to the elements of group `at` that the tensor holds: one
-// 4-wide load/store when the whole group is there and aligned, element by element otherwise.
-template <typename scalar_t, typename F>
-__device__ __forceinline__ void update_group(const ZoLaunch& args, const GroupAt& at, F f) {
-  scalar_t* p = static_cast<scalar_t*>(args.ptr[at.k]);
-  const int64_t numel = args.numel[at.k];
-  if (at.first >= 0 && at.first + 4 <= numel &&
-      reinterpret_cast<uintptr_t>(p + at.first) % sizeof(Vec4<scalar_t>) == 0) {
-    Vec4<scalar_t> x = *reinterpret_cast<const Vec4<scalar_t>*>(p + at.first);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) x.v[j] = f(j, x.v[j]);
-    *reinterpret_cast<Vec4<scalar_t>*>(p + at.first) = x;
-  } else {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int64_t i = at.first + j;
-      if (i >= 0 && i < numel) p[i] = f(j, p[i]);
-    }
-  }
-}
-
 // The elements of group `at` that the tensor holds, as bit patterns (the others read as 0, not
 // valid): one 4-wide load when the whole group is there and aligned. store_group writes back the
 // valid ones.
@@ -207,10 +186,11 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<acc_t>) zo_axpby_kernel(c
       for (int j = 0; j < 4; ++j) acc[j] = acc[j] + c * static_cast<acc_t>(z[j]);
     }
     const acc_t d = static_cast<acc_t>(args.decay[at.k]);
-    update_group<scalar_t>(args, at, [&](int j, scalar_t x) {
-      const acc_t v = static_cast<acc_t>(x);
-      return static_cast<scalar_t>(v + (acc[j] - decay_term<acc_t>(d, v)));
-    });
+    using U = typename FBits<scalar_t>::U;
+    const GroupBits<U> gb = load_group<U>(args, at);
+    U out[4];
+    apply_group<scalar_t, acc_t, false>(gb.x, acc, d, out);  // as the CPU's axpby_blocks
+    store_group<U>(gb, out);
   }
 }
 
