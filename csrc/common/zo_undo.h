@@ -431,16 +431,23 @@ FTOPS_HD acc_t decay_term(acc_t d, acc_t v) {
   return B::make(select_bits<typename B::U>(d == acc_t(0), 0u, B::get(d * v)));
 }
 
-// The pass's own change from the recovered value v: v + (acc - d v), rounded once, either to
-// nearest even (as zo_axpby_) or with ties up (a perturbation that a later pass will undo).
+// v + t rounded once to scalar_t, either to nearest even (as zo_axpby_) or with ties up (a
+// perturbation that a later pass will undo).
 template <typename scalar_t, typename acc_t, bool kInvertible>
-FTOPS_HD typename FBits<scalar_t>::U zo_apply_bits(acc_t v, acc_t acc, acc_t d) {
-  const acc_t t = acc - decay_term<acc_t>(d, v);
+FTOPS_HD typename FBits<scalar_t>::U zo_round_bits(acc_t v, acc_t t) {
   if constexpr (kInvertible) {
     return round_up_ties_bits<scalar_t, acc_t>(v, t);
   } else {
     return FBits<scalar_t>::from_f(v + t);
   }
+}
+
+// The pass's own change from the recovered value v: v + (acc - d v), rounded once (zo_round_bits).
+// (The CUDA kernels apply it 4 elements at a time, with the same results: apply_group in
+// csrc/cuda/zo.cu.)
+template <typename scalar_t, typename acc_t, bool kInvertible>
+FTOPS_HD typename FBits<scalar_t>::U zo_apply_bits(acc_t v, acc_t acc, acc_t d) {
+  return zo_round_bits<scalar_t, acc_t, kInvertible>(v, acc - decay_term<acc_t>(d, v));
 }
 
 }  // namespace ftops

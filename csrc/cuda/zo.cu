@@ -119,7 +119,8 @@ __device__ __forceinline__ void store_group(const GroupBits<U>& gb, const U out[
   }
 }
 
-// zo_apply_bits for a lane's 4 elements (recovered values tb), the same results with less work:
+// zo_apply_bits (csrc/common/zo_undo.h) for a lane's 4 elements (recovered values tb), the same
+// results with less work:
 //  * without weight decay (every pass of a step but the last) the decay term, +0, is skipped;
 //  * bfloat16 with ties up (a perturbation to undo later): the TwoSum error of the float32 sum
 //    v + t decides only where that sum lies exactly on a bfloat16 midpoint (about 1 sum in 2^16;
@@ -155,12 +156,9 @@ __device__ __forceinline__ void apply_group(const typename FBits<scalar_t>::U tb
     }
 #pragma unroll
     for (int j = 0; j < 4; ++j) out[j] = bf16_round_up_ties(s[j], err[j]);
-  } else if constexpr (kInvertible) {
-#pragma unroll
-    for (int j = 0; j < 4; ++j) out[j] = round_up_ties_bits<scalar_t, acc_t>(v[j], t[j]);
   } else {
 #pragma unroll
-    for (int j = 0; j < 4; ++j) out[j] = FBits<scalar_t>::from_f(v[j] + t[j]);
+    for (int j = 0; j < 4; ++j) out[j] = zo_round_bits<scalar_t, acc_t, kInvertible>(v[j], t[j]);
   }
 }
 
