@@ -22,7 +22,9 @@ What is measured (issue 2, section 6):
 * Per-pass time (``--pass-numel``, default 2^21 elements on CPU, 2^26 on CUDA; 0 skips it): each
   kind of MeZO pass (perturbation, exact undo fused with the next perturbation, plain
   ``zo_axpby_``) on one tensor, per dtype and, on CPU, with 1 thread and with all threads, as a
-  ratio to the same pass in float32 (the half types must not fall off the vectorized path).
+  ratio to the same pass in float32 (the half types must not fall off the vectorized path); and,
+  for scale, torch's own in-place ``Tensor.normal_`` on the same tensor (on CUDA, with the ratio
+  to the floor: how near it a pass that only writes Gaussian noise gets).
 * ``--timing-runs`` (default 3 on CUDA, 1 on CPU): the step timing is repeated in that many fresh
   processes. On the H100 the reference's step moved between 70 and 114 ms from one process to the
   next while staying steady within each (and ftops' between 30 and 33 ms), so one process is one

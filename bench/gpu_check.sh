@@ -6,7 +6,8 @@
 # Lent GPU time is short (15 minutes a session, start-up included), so the script keeps to a
 # budget: GPU_CHECK_BUDGET seconds in all (default 480), each phase capped by what is left.
 # Order = priority: build, the error check, the tests, the MeZO benchmark (the bandwidth
-# floor), then the other benchmarks (--quick) while time lasts.
+# floor), the A/B of the MeZO passes against an earlier build (if one is carried), then the
+# other benchmarks (--quick) while time lasts.
 # Logs (tests.log, bench.log) and the benchmark JSON (results.tar.gz) go to $OUT (when set,
 # else /tmp/ftops_gpu_check): only a few files come back from a lent machine.
 set -uo pipefail

@@ -162,7 +162,7 @@ __device__ __forceinline__ void apply_group(const typename FBits<scalar_t>::U tb
   }
 }
 
-// The plain kernels need ~38 registers for float/half types (no spills) when held to 6 blocks
+// The plain kernels need 35-40 registers for float/half types (no spills) when held to 6 blocks
 // of 256 threads per SM; left free, ptxas took 45 (5 blocks). float64 needs more: no bound.
 template <typename acc_t>
 constexpr int kMinBlocks = sizeof(acc_t) == 4 ? 6 : 1;
@@ -265,7 +265,7 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<acc_t>) zo_undo_axpby_ker
 // memory and shared out over the warp's 32 lanes for the exact path. With a branch instead,
 // nearly every warp would run the exact path for 4 elements per lane. The grid-stride loop
 // runs per warp (all lanes iterate together, for the warp-wide ballots); lanes past the end
-// take part with no elements.
+// redo the last group and store nothing.
 template <typename scalar_t, typename acc_t, bool kInvertible>
 __global__ void zo_undo_axpby_shortcut_kernel(const ZoUndoLaunch args) {
   using U = typename FBits<scalar_t>::U;
