@@ -12,6 +12,7 @@ from ftops import _ops
 from ftops.mezo import MeZO, noise_like, replay
 
 from _dist import spawn
+from test_zo_undo import bits
 
 
 def least_squares(device, dtype=torch.float32, m=64, n=13, seed=0):
@@ -57,13 +58,14 @@ def reference_mezo(params, groups, seeds_per_step, n_samples, closure_of):
     return params
 
 
+@pytest.mark.parametrize("exact_restore", [True, False])
 @pytest.mark.parametrize("n_samples", [1, 3, 10])
-def test_matches_reference_float64(device, n_samples):
+def test_matches_reference_float64(device, n_samples, exact_restore):
     params = make_params(device, torch.float64)
     base = [p.detach().clone() for p in params]
     groups = [{"params": params[:2], "lr": 1e-2, "eps": 1e-3, "weight_decay": 0.1},
               {"params": params[2:], "lr": 3e-2, "eps": 2e-3, "weight_decay": 0.0}]
-    opt = MeZO(groups, n_samples=n_samples, seed=7)
+    opt = MeZO(groups, n_samples=n_samples, seed=7, exact_restore=exact_restore)
     for _ in range(4):
         opt.step(lambda: objective(params))
     ref = reference_mezo(base, [([0, 1], 1e-2, 1e-3, 0.1), ([2, 3], 3e-2, 2e-3, 0.0)],
@@ -107,6 +109,77 @@ def test_low_precision_matches_emulation_bitwise(device, dtype, n_samples):
         final.append((t.float() + (acc - 0.0 * t.float())).to(dtype))
     for p, f in zip(params, final):
         assert torch.equal(bits(p.detach()), bits(f))
+
+
+def _add_noise(params, terms):
+    """zo_axpby_ without decay, emulated bit for bit: v + sum_s c_s z_s in float32 (products and
+    sums in the kernel's order, c_s rounded to float32), rounded once to the parameter dtype."""
+    out = []
+    for k, t in enumerate(params):
+        acc = torch.zeros_like(t, dtype=torch.float32)
+        for seed, c in terms:
+            acc = acc + torch.tensor(c, dtype=torch.float32, device=t.device) * noise_like(t, seed, k)
+        out.append((t.float() + acc).to(t.dtype))
+    return out
+
+
+@pytest.mark.parametrize("n_samples", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_inexact_restore_matches_emulation_bitwise(device, dtype, n_samples):
+    """exact_restore=False: each pass adds its noise to the parameters as they are (one rounding
+    to nearest even), and a pass that both removes the previous perturbation and adds the next
+    one generates each seed's noise once, with the coefficients summed."""
+    params = make_params(device, dtype)
+    emu = [p.detach().clone() for p in params]
+    lr, eps = 1e-2, 1e-2
+    opt = MeZO(params, lr=lr, eps=eps, n_samples=n_samples, seed=3, exact_restore=False)
+    opt.step(lambda: objective(params))
+    seeds = opt.log[0].seeds
+    diffs, prev = [], None
+    for seed in seeds:
+        # the previous sample's -eps z is removed in the same pass (its seed comes second)
+        emu = _add_noise(emu, [(seed, eps)] + ([(prev, eps)] if prev is not None else []))
+        plus = float(objective(emu))
+        emu = _add_noise(emu, [(seed, -eps - eps)])
+        diffs.append(plus - float(objective(emu)))
+        prev = seed
+    coeffs = [-lr / n_samples * d / (2 * eps) for d in diffs]
+    coeffs[-1] += eps  # the last sample's -eps z is removed by the update's pass
+    final = _add_noise(emu, list(zip(seeds, coeffs)))
+    for p, f in zip(params, final):
+        assert torch.equal(bits(p.detach()), bits(f))
+
+
+@pytest.mark.parametrize("cycles", [1, 20])
+def test_inexact_restore_at_lr_zero(device, dtype, cycles):
+    """exact_restore=False: after lr=0 steps the parameters are back to within the rounding of
+    the 3 passes per cycle (each at most half an ulp of the perturbed value)."""
+    params = make_params(device, dtype, shapes=((4097,), (7, 9)))
+    base = [p.detach().clone() for p in params]
+    opt = MeZO(params, lr=0.0, eps=1e-3, seed=0, exact_restore=False)
+    for _ in range(cycles):
+        opt.step(lambda: objective(params))
+    p, b = torch.cat([p.detach().flatten() for p in params]), torch.cat([b.flatten() for b in base])
+    ulp = torch.finfo(dtype).eps * (b.double().abs() + 2e-3 * 6)
+    drift = (p.double() - b.double()).abs()
+    assert bool((drift <= 1.5 * cycles * ulp).all()), float((drift / ulp).max())
+
+
+def test_inexact_restore_three_passes_each_seed_once(monkeypatch):
+    calls = []
+    real = _ops.zo_axpby_
+    monkeypatch.setattr(_ops, "zo_axpby_", lambda *a: (calls.append(list(a[1])), real(*a)))
+    monkeypatch.setattr(_ops, "zo_undo_axpby_", lambda *a: pytest.fail("zo_undo_axpby_ called"))
+    params = make_params("cpu", torch.float32)
+    for n in (1, 2, 4):
+        calls.clear()
+        opt = MeZO(params, lr=1e-3, n_samples=n, seed=0, exact_restore=False)
+        opt.step(lambda: objective(params))
+        seeds = list(opt.log[-1].seeds)
+        expected = [[seeds[0]], [seeds[0]]]
+        for i in range(1, n):
+            expected += [[seeds[i], seeds[i - 1]], [seeds[i]]]
+        assert calls == expected + [seeds]
 
 
 def test_three_passes_per_step(monkeypatch):
@@ -203,11 +276,12 @@ def test_non_differentiable_objective():
     assert ((X @ w > 0).float() == y).float().mean() > 0.8
 
 
+@pytest.mark.parametrize("exact_restore", [True, False])
 @pytest.mark.parametrize("fail_at", [1, 2, 3])
-def test_closure_exception_restores(device, fail_at):
+def test_closure_exception_restores(device, fail_at, exact_restore):
     params = make_params(device, torch.float64)
     base = [p.detach().clone() for p in params]
-    opt = MeZO(params, lr=1e-1, n_samples=2, seed=0)
+    opt = MeZO(params, lr=1e-1, n_samples=2, seed=0, exact_restore=exact_restore)
     count = [0]
 
     def closure():
@@ -223,11 +297,12 @@ def test_closure_exception_restores(device, fail_at):
     assert opt.log == []
 
 
+@pytest.mark.parametrize("exact_restore", [True, False])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_loss_skips(device, bad):
+def test_non_finite_loss_skips(device, bad, exact_restore):
     params = make_params(device, torch.float64)
     base = [p.detach().clone() for p in params]
-    opt = MeZO(params, lr=1e-1, seed=0)
+    opt = MeZO(params, lr=1e-1, seed=0, exact_restore=exact_restore)
     with pytest.warns(RuntimeWarning, match="non-finite"):
         opt.step(lambda: torch.tensor(bad))
     assert opt.skipped_steps == 1 and opt.log == []
@@ -255,6 +330,8 @@ def test_bad_arguments():
         MeZO([p], weight_decay=-1.0)
     with pytest.raises(ValueError, match="n_samples"):
         MeZO([p], n_samples=0)
+    with pytest.raises(TypeError, match="exact_restore"):
+        MeZO([p], exact_restore="no")
     with pytest.raises(ValueError, match="eps"):
         MeZO([{"params": [p], "eps": -1.0}])
     with pytest.raises(TypeError, match="closure"):
@@ -277,10 +354,11 @@ def test_bad_parameter_leaves_model_untouched(bad):
     assert torch.equal(good.detach(), before)
 
 
-def test_resume_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("exact_restore", [True, False])
+def test_resume_is_bit_identical(tmp_path, exact_restore):
     A, b = least_squares("cpu")
     w1 = torch.nn.Parameter(torch.zeros(A.shape[1]))
-    opt1 = MeZO([w1], lr=1e-3, n_samples=2, seed=5)
+    opt1 = MeZO([w1], lr=1e-3, n_samples=2, seed=5, exact_restore=exact_restore)
     closure1 = lambda: ((A @ w1 - b) ** 2).mean()  # noqa: E731
     for _ in range(5):
         opt1.step(closure1)
@@ -290,8 +368,10 @@ def test_resume_is_bit_identical(tmp_path):
 
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     w2 = torch.nn.Parameter(ckpt["w"])
-    opt2 = MeZO([w2], lr=1e-3, n_samples=2, seed=999)  # a different seed: the checkpoint wins
+    # a different seed and restore mode: the checkpoint wins
+    opt2 = MeZO([w2], lr=1e-3, n_samples=2, seed=999, exact_restore=not exact_restore)
     opt2.load_state_dict(ckpt["opt"])
+    assert opt2.exact_restore == exact_restore
     for _ in range(5):
         opt2.step(lambda: ((A @ w2 - b) ** 2).mean())
     assert torch.equal(w1.detach(), w2.detach())
