@@ -74,6 +74,18 @@ def test_matches_reference_float64(device, n_samples, exact_restore):
         torch.testing.assert_close(p.detach(), r, rtol=1e-9, atol=1e-9)
 
 
+def _add_noise(params, terms):
+    """zo_axpby_ without decay, emulated bit for bit: v + sum_s c_s z_s in float32 (products and
+    sums in the kernel's order, c_s rounded to float32), rounded once to the parameter dtype."""
+    out = []
+    for k, t in enumerate(params):
+        acc = torch.zeros_like(t, dtype=torch.float32)
+        for seed, c in terms:
+            acc = acc + torch.tensor(c, dtype=torch.float32, device=t.device) * noise_like(t, seed, k)
+        out.append((t.float() + acc).to(t.dtype))
+    return out
+
+
 @pytest.mark.parametrize("n_samples", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_low_precision_matches_emulation_bitwise(device, dtype, n_samples):
@@ -99,28 +111,11 @@ def test_low_precision_matches_emulation_bitwise(device, dtype, n_samples):
         diffs.append(float(objective(plus)) - float(objective(minus)))
         theta, prev = minus, a
     theta = [ref_undo(p, -ak) for p, ak in zip(theta, prev)]
-    # the update: v + (sum_s c_s z_s - 0 v), float32, rounded to nearest even (zo_axpby_)
-    final = []
-    for k, t in enumerate(theta):
-        acc = torch.zeros_like(t, dtype=torch.float32)
-        for seed, d in zip(seeds, diffs):
-            c = torch.tensor(-lr / n_samples * d / (2 * eps), dtype=torch.float32)
-            acc = acc + c * noise_like(t, seed, k)
-        final.append((t.float() + (acc - 0.0 * t.float())).to(dtype))
+    # the update from θ: θ + sum_s c_s z_s, rounded to nearest even
+    final = _add_noise(theta, [(seed, -lr / n_samples * d / (2 * eps))
+                               for seed, d in zip(seeds, diffs)])
     for p, f in zip(params, final):
         assert torch.equal(bits(p.detach()), bits(f))
-
-
-def _add_noise(params, terms):
-    """zo_axpby_ without decay, emulated bit for bit: v + sum_s c_s z_s in float32 (products and
-    sums in the kernel's order, c_s rounded to float32), rounded once to the parameter dtype."""
-    out = []
-    for k, t in enumerate(params):
-        acc = torch.zeros_like(t, dtype=torch.float32)
-        for seed, c in terms:
-            acc = acc + torch.tensor(c, dtype=torch.float32, device=t.device) * noise_like(t, seed, k)
-        out.append((t.float() + acc).to(t.dtype))
-    return out
 
 
 @pytest.mark.parametrize("n_samples", [1, 2, 3])
