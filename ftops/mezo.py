@@ -425,6 +425,7 @@ class MeZO(torch.optim.Optimizer):
                     first_loss = loss
                 loss_plus = _loss_value(loss)
                 # θ - eps z from θ itself (not p+ - 2 eps z): correctly rounded and undoable
+                # (exact_restore=False: p+ - 2 eps z)
                 move(current, lambda g: eps[g], [current], lambda _, g: -eps[g], invertible=True)
                 offset = -1.0
                 loss_minus = _loss_value(evaluate())
