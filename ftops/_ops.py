@@ -41,14 +41,37 @@ _load_library()
 
 
 # --- fake (meta) implementations -----------------------------------------------------------------
+#
+# Besides shapes, each one checks that all tensors share one device. The dispatcher sends a call
+# to the Meta kernel (these functions) as soon as one tensor of it is a meta tensor, so without
+# this check a list mixing CPU (or CUDA) tensors with meta tensors would be accepted and update
+# nothing.
+
+def _one_device(op: str, **lists) -> None:
+    first = None
+    for name, tensors in lists.items():
+        if isinstance(tensors, torch.Tensor):
+            tensors, single = [tensors], True
+        else:
+            single = False
+        for k, t in enumerate(tensors):
+            label = name if single else f"{name}[{k}]"
+            if first is None:
+                first = (label, t.device)
+            elif t.device != first[1]:
+                raise RuntimeError(f"{op}: {label} is on {t.device} but {first[0]} is on "
+                                   f"{first[1]}; all tensors must be on one device")
+
 
 @torch.library.register_fake("ftops::zo_axpby_")
 def _(params, seeds, ids, coeffs, decay, offsets=()):
+    _one_device("ftops.zo_axpby_", params=params)
     return None
 
 
 @torch.library.register_fake("ftops::zo_undo_axpby_")
 def _(params, undo_seed, undo_coeffs, seeds, ids, coeffs, decay, invertible=False, offsets=()):
+    _one_device("ftops.zo_undo_axpby_", params=params)
     return None
 
 
@@ -65,16 +88,21 @@ def _(like, seed, index, offset=0):
 @torch.library.register_fake("ftops::adamw_")
 def _(params, grads, exp_avgs, exp_avg_sqs, lr, beta1, beta2, eps, weight_decay, step,
       maximize=False, bias_correction=True):
+    _one_device("ftops.adamw_", params=params, grads=grads, exp_avgs=exp_avgs,
+                exp_avg_sqs=exp_avg_sqs)
     return None
 
 
 @torch.library.register_fake("ftops::adam_direction_")
 def _(grads, exp_avgs, exp_avg_sqs, out, beta1, beta2, eps, step, bias_correction=True):
+    _one_device("ftops.adam_direction_", grads=grads, exp_avgs=exp_avgs,
+                exp_avg_sqs=exp_avg_sqs, out=out)
     return None
 
 
 @torch.library.register_fake("ftops::sddmm")
 def _(dy, x, rows, cols):
+    _one_device("ftops.sddmm", dy=dy, x=x, rows=rows, cols=cols)
     torch._check(dy.dim() == 2 and x.dim() == 2, lambda: "ftops.sddmm: dy and x must be 2-D")
     torch._check(rows.dim() == 1 and cols.dim() == 1, lambda: "ftops.sddmm: rows/cols must be 1-D")
     return dy.new_empty((rows.shape[0],))
@@ -82,6 +110,7 @@ def _(dy, x, rows, cols):
 
 @torch.library.register_fake("ftops::sddmm_csr")
 def _(dy, x, row_ptr, cols):
+    _one_device("ftops.sddmm_csr", dy=dy, x=x, row_ptr=row_ptr, cols=cols)
     torch._check(dy.dim() == 2 and x.dim() == 2, lambda: "ftops.sddmm_csr: dy and x must be 2-D")
     torch._check(row_ptr.dim() == 1 and cols.dim() == 1,
                  lambda: "ftops.sddmm_csr: row_ptr/cols must be 1-D")

@@ -43,10 +43,16 @@ Differences from galore_torch, all deliberate:
   vectors), with a one-time warning; ``rank < 1`` is a ``ValueError``.
 * The optimizer state is plain: per parameter ``step`` (int), ``exp_avg``, ``exp_avg_sq`` and
   ``proj_left`` (``m x r``) and/or ``proj_right`` (``r x n``) tensors, so ``state_dict`` loads
-  with ``torch.load(weights_only=True)``, and ``load_state_dict`` keeps the saved dtypes (torch
-  would cast float32 moments to a bfloat16 parameter's dtype). Deleting ``optimizer.state[p]``
-  frees everything the optimizer holds for ``p``; the parameter then starts afresh (step 0,
-  refresh at its next step).
+  with ``torch.load(weights_only=True)``. ``load_state_dict`` checks every group and every
+  parameter's state (keys, shapes for the saved rank and proj_type) before loading anything,
+  refuses another optimizer's state (``torch.optim.AdamW``'s lacks ``correct_bias``), and keeps
+  the moments in float32 (torch would cast them to a bfloat16 parameter's dtype). Deleting
+  ``optimizer.state[p]`` frees everything the optimizer holds for ``p``; the parameter then
+  starts afresh (step 0, refresh at its next step).
+* Checked before anything is written, at every step: the group hyperparameters (a NaN, infinite
+  or negative ``lr``/``eps``/``weight_decay`` or ``betas`` outside [0, 1), set by hand or by a
+  scheduler, and the projection keys), every gradient and the state it meets; on a refresh step
+  all new bases are computed before the first update. A parameter listed twice is refused.
 
 Distributed: under DistributedDataParallel every rank refreshes the projector from the same
 averaged gradient (the randomized projector is seeded per group ``seed``, parameter and step, not
@@ -55,19 +61,21 @@ projected group is refused when the optimizer is built (projecting each shard on
 a different algorithm); groups without ``rank`` run AdamW on the local shards.
 
 Layerwise training (:func:`layerwise`) steps one optimizer per parameter from
-``register_post_accumulate_grad_hook`` and frees each gradient as soon as it has been used.
+``register_post_accumulate_grad_hook`` and frees each gradient as soon as it has been used; a
+backward pass that raises drops its window's gradients and training goes on.
 """
 from __future__ import annotations
 
 import logging
 import math
 import warnings
-from collections.abc import MutableMapping
+import weakref
+from collections.abc import Mapping, MutableMapping
 from typing import Callable, Iterable, Iterator
 
 import torch
 
-from . import _adamw
+from . import _adamw, _checks
 
 try:
     from torch.distributed.tensor import DTensor
@@ -106,10 +114,21 @@ def svd_basis(grad: torch.Tensor, rank: int, side: str):
     ``right = Vh[:rank]`` (``r x n``) for 'right' and 'full' (None otherwise), in the dtype of
     ``grad``, contiguous (so the full ``U``/``Vh`` are freed).
     """
+    _check_basis_args("svd_basis", grad, rank, side)
     U, _, Vh = torch.linalg.svd(grad.float(), full_matrices=False)
     left = U[:, :rank].to(grad.dtype).contiguous() if side in ("left", "full") else None
     right = Vh[:rank].to(grad.dtype).contiguous() if side in ("right", "full") else None
     return left, right
+
+
+def _check_basis_args(where: str, grad, rank, side) -> None:
+    if not isinstance(grad, torch.Tensor) or grad.dim() != 2 or grad.layout != torch.strided \
+            or not grad.is_floating_point():
+        raise TypeError(f"{where}: grad must be a dense 2-D floating-point tensor, got "
+                        f"{_describe_tensor(grad)}")
+    _checks.integer(where, "rank", rank, low=1)
+    if side not in ("left", "right", "full"):
+        raise ValueError(f"{where}: side must be 'left', 'right' or 'full', got {side!r}")
 
 
 def _orth(x: torch.Tensor) -> torch.Tensor:
@@ -135,8 +154,19 @@ def randomized_basis(grad: torch.Tensor, rank: int, side: str, prev_left=None, p
 
     Returns ``(left, right)`` as :func:`svd_basis` does.
     """
-    if side not in ("left", "right", "full"):
-        raise ValueError(f"side must be 'left', 'right' or 'full', got {side!r}")
+    where = "randomized_basis"
+    _check_basis_args(where, grad, rank, side)
+    if oversample is not None:
+        _checks.integer(where, "oversample", oversample, low=0)
+    _checks.integer(where, "power_iters", power_iters, low=0)
+    _checks.integer(where, "warm_power_iters", warm_power_iters, low=0)
+    for name, prev in (("prev_left", prev_left), ("prev_right", prev_right)):
+        if prev is not None and not (isinstance(prev, torch.Tensor) and prev.dim() == 2):
+            raise TypeError(f"{where}: {name} must be None or a 2-D tensor, got "
+                            f"{_describe_tensor(prev)}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"{where}: generator must be a torch.Generator or None, got "
+                        f"{type(generator).__name__}")
     g = grad.float()
     A = g.t() if side == "right" else g
     prev = (prev_right.t() if prev_right is not None else None) if side == "right" else prev_left
@@ -177,6 +207,12 @@ def randomized_basis(grad: torch.Tensor, rank: int, side: str, prev_left=None, p
 
 # --- the optimizer --------------------------------------------------------------------------------
 
+def _describe_tensor(t) -> str:
+    if isinstance(t, torch.Tensor):
+        return f"a {t.dtype} tensor of shape {list(t.shape)} on {t.device}"
+    return f"{type(t).__name__} {t!r}"[:120]
+
+
 def _sharded_projection_error(shape) -> ValueError:
     return ValueError(
         f"GaLoreAdamW: a parameter of shape {tuple(shape)} in a projected group (one with 'rank') "
@@ -187,30 +223,41 @@ def _sharded_projection_error(shape) -> ValueError:
         "(plain AdamW works on DTensors).")
 
 
-def _check_group(group: dict) -> None:
+# Hyperparameters of every group, checked at construction, by add_param_group, at the top of every
+# step (a scheduler or the user may have changed them) and in a loaded state dict.
+_HYPER = dict(lr=dict(low=0.0), eps=dict(low=0.0), weight_decay=dict(low=0.0), betas={})
+_GROUP_KEYS = ("lr", "betas", "eps", "weight_decay", "correct_bias")
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _check_projection(where: str, label: str, group: dict) -> None:
+    """The projection keys of a group with ``rank`` (defaults filled in), and correct_bias."""
+    _checks.boolean(where, f"{label}['correct_bias']", group["correct_bias"])
     if "rank" not in group:
         return
-    rank = group["rank"]
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"GaLoreAdamW: param group 'rank' must be an int >= 1, got {rank!r}")
-    for k, v in _GROUP_DEFAULTS.items():
-        group.setdefault(k, v)
-    gap = group["update_proj_gap"]
-    if isinstance(gap, bool) or not isinstance(gap, int) or gap < 1:
-        raise ValueError(f"GaLoreAdamW: param group 'update_proj_gap' must be an int >= 1, got {gap!r}")
+    missing = [k for k in _GROUP_DEFAULTS if k not in group]
+    if missing:
+        raise ValueError(f"{where}: {label} has 'rank' but lacks {missing}")
+    _checks.integer(where, f"{label}['rank']", group["rank"], low=1)
+    _checks.integer(where, f"{label}['update_proj_gap']", group["update_proj_gap"], low=1)
     if group["proj_type"] not in PROJ_TYPES:
-        raise ValueError(f"GaLoreAdamW: param group 'proj_type' must be one of {PROJ_TYPES}, "
+        raise ValueError(f"{where}: {label}['proj_type'] must be one of {PROJ_TYPES}, "
                          f"got {group['proj_type']!r}")
     if group["projector"] not in PROJECTORS:
-        raise ValueError(f"GaLoreAdamW: param group 'projector' must be one of {PROJECTORS}, "
+        raise ValueError(f"{where}: {label}['projector'] must be one of {PROJECTORS}, "
                          f"got {group['projector']!r}")
-    if not math.isfinite(float(group["scale"])):
-        raise ValueError(f"GaLoreAdamW: param group 'scale' must be finite, got {group['scale']!r}")
-    if group["oversample"] is not None and int(group["oversample"]) < 0:
-        raise ValueError(f"GaLoreAdamW: param group 'oversample' must be >= 0, got {group['oversample']!r}")
+    _checks.real(where, f"{label}['scale']", group["scale"], low=0.0)
+    if group["oversample"] is not None:
+        _checks.integer(where, f"{label}['oversample']", group["oversample"], low=0)
     for k in ("power_iters", "warm_power_iters"):
-        if int(group[k]) < 0:
-            raise ValueError(f"GaLoreAdamW: param group {k!r} must be >= 0, got {group[k]!r}")
+        _checks.integer(where, f"{label}[{k!r}]", group[k], low=0)
+    _checks.integer(where, f"{label}['seed']", group["seed"], low=0)
+
+
+def _check_all_groups(where: str, groups) -> None:
+    _checks.check_groups(where, groups, **_HYPER)
+    for i, group in enumerate(groups):
+        _check_projection(where, f"param_groups[{i}]", group)
 
 
 class GaLoreAdamW(torch.optim.Optimizer):
@@ -236,31 +283,37 @@ class GaLoreAdamW(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-6,
                  weight_decay: float = 0.0, correct_bias: bool = True,
                  no_deprecation_warning: bool = False):
-        if not lr >= 0.0:
-            raise ValueError(f"GaLoreAdamW: invalid learning rate lr={lr}, must be >= 0")
-        if not 0.0 <= betas[0] < 1.0:
-            raise ValueError(f"GaLoreAdamW: invalid betas[0]={betas[0]}, must be in [0, 1)")
-        if not 0.0 <= betas[1] < 1.0:
-            raise ValueError(f"GaLoreAdamW: invalid betas[1]={betas[1]}, must be in [0, 1)")
-        if not (eps >= 0.0 and math.isfinite(eps)):
-            raise ValueError(f"GaLoreAdamW: invalid eps={eps}, must be finite and >= 0")
-        if not math.isfinite(weight_decay):
-            raise ValueError(f"GaLoreAdamW: invalid weight_decay={weight_decay}, must be finite")
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+        where = "GaLoreAdamW"
+        lr = _checks.real(where, "lr", lr, **_HYPER["lr"])
+        betas = _checks.betas(where, betas)
+        eps = _checks.real(where, "eps", eps, **_HYPER["eps"])
+        weight_decay = _checks.real(where, "weight_decay", weight_decay, **_HYPER["weight_decay"])
+        _checks.boolean(where, "correct_bias", correct_bias)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                         correct_bias=correct_bias)
         self._warned_rank = False
         self._warned_nonfinite = False
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
-        _check_group(param_group)
-        super().add_param_group(param_group)
-        if "rank" in param_group:
-            sharded = [p for p in self.param_groups[-1]["params"]
-                       if isinstance(p, DTensor) and p.dim() == 2]
-            if sharded:
-                self.param_groups.pop()
-                raise _sharded_projection_error(sharded[0].shape)
+        """As ``torch.optim.Optimizer.add_param_group``, refusing a parameter that is already in
+        the optimizer (or twice in the group: its moments would be stepped twice), invalid
+        hyperparameters or projection keys, and sharded (DTensor) matrices in a projected group."""
+        where = "GaLoreAdamW"
+        if isinstance(param_group, dict) and "rank" in param_group:
+            for k, v in _GROUP_DEFAULTS.items():
+                param_group.setdefault(k, v)
+        _checks.add_param_group(where, self, param_group, super().add_param_group, **_HYPER)
+        try:
+            group = self.param_groups[-1]
+            _check_projection(where, f"param_groups[{len(self.param_groups) - 1}]", group)
+            if "rank" in group:
+                sharded = [p for p in group["params"] if isinstance(p, DTensor) and p.dim() == 2]
+                if sharded:
+                    raise _sharded_projection_error(sharded[0].shape)
+        except Exception:
+            self.param_groups.pop()
+            raise
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -289,7 +342,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if group["projector"] == "svd":
             return svd_basis(grad, rank, side)
         gen = torch.Generator(device=grad.device)
-        gen.manual_seed(self._param_seed(group, index, state["step"], grad.shape))
+        gen.manual_seed(self._param_seed(group, index, state.get("step", 0), grad.shape))
         return randomized_basis(grad, rank, side, state.get("proj_left"), state.get("proj_right"),
                                 oversample=group["oversample"], power_iters=int(group["power_iters"]),
                                 warm_power_iters=int(group["warm_power_iters"]), generator=gen)
@@ -298,143 +351,223 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None):
-        """One optimization step. ``closure`` (optional) re-evaluates the model and returns the loss."""
+        """One optimization step; ``closure`` (optional) re-evaluates the model, returns the loss.
+
+        Everything is checked before any parameter is written: the group hyperparameters and
+        projection keys, every gradient (dtype, shape, device) and the state it meets; and on a
+        refresh step all new bases are computed before the first update. So an invalid value or
+        a failing SVD raises with the parameters, moments and bases as they were.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        where = "GaLoreAdamW.step"
+        self._validate(where)
 
-        # Pass 1: validate every gradient before anything is written.
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and p.grad.is_sparse:
-                    raise RuntimeError("GaLoreAdamW does not support sparse gradients")
-                if isinstance(p, DTensor) and p.grad is not None and (
-                        not isinstance(p.grad, DTensor) or p.grad.placements != p.placements):
-                    raise RuntimeError(
-                        f"GaLoreAdamW: the gradient of a DTensor parameter (placements "
-                        f"{p.placements}) must be a DTensor with the same placements, got "
-                        f"{getattr(p.grad, 'placements', type(p.grad).__name__)}")
-
+        # Pass 1: per parameter, its side and rank, and on refresh steps its new basis (computed
+        # here, installed in pass 2 with the update). Nothing is written yet.
+        work: list[list[tuple]] = []
         index = -1
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            lr, wd, eps = float(group["lr"]), float(group["weight_decay"]), float(group["eps"])
+            items = []
             proj = "rank" in group
-            # low-rank (projected) and plain parameters of this group
-            lr_p, lr_g, lr_m, lr_v, lr_n, lr_steps, lr_pending = [], [], [], [], [], [], []
-            pl_p, pl_g, pl_m, pl_v, pl_steps, pl_states = [], [], [], [], [], []
-            pending_numel = 0
-
-            def flush():
-                """Projected parameters so far: fused moment update -> N, then one GEMM each."""
-                _adamw.fused_adam_direction(lr_g, lr_m, lr_v, lr_n, beta1=beta1, beta2=beta2,
-                                            eps=eps, step=lr_steps, bias_correction=False)
-                for p, N, s, (side, left, right, refreshed) in zip(lr_p, lr_n, lr_steps, lr_pending):
-                    state = self.state[p]
-                    if refreshed:
-                        if left is not None:
-                            state["proj_left"] = left
-                        if right is not None:
-                            state["proj_right"] = right
-                    state["step"] = s
-                    step_size = self._step_size(group, lr, beta1, beta2, s)
-                    decay = 1.0 - lr * wd
-                    alpha = -step_size * float(group["scale"]) * decay
-                    if side == "left":
-                        p.addmm_(left, N, beta=decay, alpha=alpha)
-                    elif side == "right":
-                        p.addmm_(N, right, beta=decay, alpha=alpha)
-                    else:
-                        p.addmm_(torch.mm(left, N), right, beta=decay, alpha=alpha)
-                for lst in (lr_p, lr_g, lr_m, lr_v, lr_n, lr_steps, lr_pending):
-                    lst.clear()
-
             for p in group["params"]:
                 index += 1
                 if p.grad is None:
                     continue
-                grad = p.grad
                 state = self.state[p]
-                if "step" not in state:
-                    state["step"] = 0
-                if proj and p.dim() == 2:
-                    side = _side(group["proj_type"], p.shape)
-                    rank = min(int(group["rank"]), p.shape[0], p.shape[1])
-                    if rank < group["rank"] and not self._warned_rank:
-                        self._warned_rank = True
-                        warnings.warn(
-                            f"GaLoreAdamW: rank {group['rank']} is larger than min(m, n) = {rank} for a "
-                            f"parameter of shape {tuple(p.shape)}; as galore_torch, its projection uses "
-                            f"{rank} basis vectors (a full-rank rotation). Warned once per optimizer.",
-                            UserWarning, stacklevel=2)
-                    left, right = state.get("proj_left"), state.get("proj_right")
-                    pending = None
-                    have = (left is not None) if side == "left" else (right is not None) if side == "right" \
-                        else (left is not None and right is not None)
-                    if not have or state["step"] % group["update_proj_gap"] == 0:
-                        pending = self._refresh(group, p, grad, state, side, rank, index)
-                        if pending is None:   # non-finite gradient: skip this parameter
-                            continue
-                        left, right = pending
-                    if side == "left":
-                        R = torch.mm(left.t(), grad)
-                    elif side == "right":
-                        R = torch.mm(grad, right.t())
-                    else:
-                        R = torch.mm(torch.mm(left.t(), grad), right.t())
-                    if "exp_avg" not in state or state["exp_avg"].shape != R.shape:
-                        state["exp_avg"] = _adamw.zeros_moment(R)
-                        state["exp_avg_sq"] = _adamw.zeros_moment(R)
-                    lr_p.append(p)
-                    lr_g.append(R)
-                    lr_m.append(state["exp_avg"])
-                    lr_v.append(state["exp_avg_sq"])
-                    lr_n.append(torch.empty_like(R))
-                    lr_steps.append(state["step"] + 1)
-                    lr_pending.append((side, left, right, pending is not None))
-                    pending_numel += R.numel()
-                    if pending_numel >= _FLUSH_NUMEL:  # bound the projected-gradient temporaries
-                        flush()
-                        pending_numel = 0
-                else:
-                    if isinstance(p, DTensor):
-                        # AdamW is elementwise: exact on the local shard (FSDP2 shards the gradient
-                        # as the parameter), and the moments are local too.
-                        p, grad = p.to_local(), grad.to_local()
-                    if "exp_avg" not in state:
-                        state["exp_avg"] = _adamw.zeros_moment(p)
-                        state["exp_avg_sq"] = _adamw.zeros_moment(p)
-                    pl_states.append(state)
-                    pl_p.append(p)
-                    pl_g.append(grad if grad.is_contiguous() else grad.contiguous())
-                    pl_m.append(state["exp_avg"])
-                    pl_v.append(state["exp_avg_sq"])
-                    pl_steps.append(state["step"] + 1)
+                step = state.setdefault("step", 0)
+                if not (proj and p.dim() == 2):
+                    items.append((p, None))
+                    continue
+                side = _side(group["proj_type"], p.shape)
+                rank = min(int(group["rank"]), p.shape[0], p.shape[1])
+                if rank < group["rank"] and not self._warned_rank:
+                    self._warned_rank = True
+                    warnings.warn(
+                        f"GaLoreAdamW: rank {group['rank']} is larger than min(m, n) = {rank} for "
+                        f"a parameter of shape {tuple(p.shape)}; as galore_torch, its projection "
+                        f"uses {rank} basis vectors (a full-rank rotation). Warned once per "
+                        "optimizer.", UserWarning, stacklevel=2)
+                left, right = state.get("proj_left"), state.get("proj_right")
+                have = (left is not None) if side == "left" else (right is not None) \
+                    if side == "right" else (left is not None and right is not None)
+                refreshed = False
+                if not have or step % group["update_proj_gap"] == 0:
+                    pending = self._refresh(group, p, p.grad, state, side, rank, index)
+                    if pending is None:   # non-finite gradient: skip this parameter
+                        continue
+                    left, right = pending
+                    refreshed = True
+                items.append((p, (side, left, right, refreshed)))
+            work.append(items)
 
-            flush()
+        # Pass 2: the updates, group by group.
+        for group, items in zip(self.param_groups, work):
+            self._apply_group(group, items)
+        return loss
 
-            # Plain parameters: galore_torch's AdamW (eps before bias correction, decay after).
-            buckets: dict[int, list[int]] = {}
-            for k, s in enumerate(pl_steps):
-                buckets.setdefault(s, []).append(k)
-            for s, idx in buckets.items():
+    def _validate(self, where: str) -> None:
+        """Every check of :meth:`step` that can fail, before anything is written."""
+        _check_all_groups(where, self.param_groups)
+        index = -1
+        for group in self.param_groups:
+            proj = "rank" in group
+            for p in group["params"]:
+                index += 1
+                grad = p.grad
+                if grad is None:
+                    continue
+                label = f"parameter {index} (shape {list(p.shape)})"
+                if grad.is_sparse:
+                    raise RuntimeError("GaLoreAdamW does not support sparse gradients")
+                if isinstance(p, DTensor) and (
+                        not isinstance(grad, DTensor) or grad.placements != p.placements):
+                    raise RuntimeError(
+                        f"GaLoreAdamW: the gradient of a DTensor parameter (placements "
+                        f"{p.placements}) must be a DTensor with the same placements, got "
+                        f"{getattr(grad, 'placements', type(grad).__name__)}")
+                if p.dtype not in _FLOAT_DTYPES:
+                    raise TypeError(f"{where}: {label} has dtype {p.dtype}; supported: float32, "
+                                    "float64, float16, bfloat16")
+                if grad.dtype != p.dtype or grad.shape != p.shape or grad.device != p.device \
+                        or grad.layout != torch.strided:
+                    raise ValueError(f"{where}: the gradient of {label} has dtype {grad.dtype}, "
+                                     f"shape {list(grad.shape)}, device {grad.device}, layout "
+                                     f"{grad.layout}; it must match the parameter ({p.dtype}, "
+                                     f"{p.device}, dense)")
+                local = p.to_local() if isinstance(p, DTensor) else p
+                projected = proj and p.dim() == 2
+                if not projected and not local.is_contiguous():
+                    raise ValueError(f"{where}: {label} is not contiguous (strides "
+                                     f"{list(local.stride())}); the fused AdamW update needs "
+                                     "contiguous parameters")
+                state = self.state.get(p)
+                if state:
+                    self._check_live_state(where, label, local, state, projected)
+
+    @staticmethod
+    def _check_live_state(where: str, label: str, p: torch.Tensor, state: dict,
+                          projected: bool) -> None:
+        """The state a parameter meets in a step: on its device, moments in the moment dtype
+        (of the parameter's shape for plain AdamW), bases in the parameter dtype."""
+        step = state.get("step", 0)
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"{where}: the state of {label} has step {step!r}; it must be an "
+                             "int >= 0")
+        md = _adamw.moment_dtype(p.dtype)
+        for name in ("exp_avg", "exp_avg_sq", "proj_left", "proj_right"):
+            t = state.get(name)
+            if t is None:
+                continue
+            want = md if name.startswith("exp") else p.dtype
+            if not isinstance(t, torch.Tensor) or t.device != p.device or t.dtype != want \
+                    or (name.startswith("exp") and not projected and t.shape != p.shape):
+                raise ValueError(
+                    f"{where}: the state of {label} has {name} = "
+                    f"{_describe_tensor(t)}; expected a {want} tensor on {p.device}"
+                    + ("" if projected or not name.startswith("exp") else
+                       f" of shape {list(p.shape)}")
+                    + " (was the model moved or converted after the optimizer was built? "
+                      "save the state dict and load it again)")
+
+    def _apply_group(self, group: dict, items: list) -> None:
+        beta1, beta2 = group["betas"]
+        lr, wd, eps = float(group["lr"]), float(group["weight_decay"]), float(group["eps"])
+        # low-rank (projected) and plain parameters of this group
+        lr_p, lr_g, lr_m, lr_v, lr_n, lr_steps, lr_pending = [], [], [], [], [], [], []
+        pl_p, pl_g, pl_m, pl_v, pl_steps, pl_states = [], [], [], [], [], []
+        pending_numel = 0
+
+        def flush():
+            """Projected parameters so far: fused moment update -> N, then one GEMM each."""
+            _adamw.fused_adam_direction(lr_g, lr_m, lr_v, lr_n, beta1=beta1, beta2=beta2,
+                                        eps=eps, step=lr_steps, bias_correction=False)
+            for p, N, s, (side, left, right, refreshed) in zip(lr_p, lr_n, lr_steps, lr_pending):
+                state = self.state[p]
+                if refreshed:
+                    if left is not None:
+                        state["proj_left"] = left
+                    if right is not None:
+                        state["proj_right"] = right
+                state["step"] = s
                 step_size = self._step_size(group, lr, beta1, beta2, s)
                 decay = 1.0 - lr * wd
-                # (p - step_size*N) * decay == p*decay - (step_size*decay)*N: the fused op's
-                # p *= 1 - lr'*wd'; p -= lr'*N with lr' = step_size*decay, wd' = (1 - decay)/lr'.
-                fused = wd == 0.0 or (step_size * decay != 0.0 and decay > 0.0)
-                lr1 = step_size * decay if fused else step_size
-                wd1 = 0.0 if (wd == 0.0 or not fused) else (1.0 - decay) / lr1
-                _adamw.fused_adamw([pl_p[k] for k in idx], [pl_g[k] for k in idx],
-                                   [pl_m[k] for k in idx], [pl_v[k] for k in idx], lr=lr1,
-                                   beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd1, step=s,
-                                   bias_correction=False)
-                for k in idx:
-                    if not fused:
-                        pl_p[k].add_(pl_p[k], alpha=-lr * wd)
-                    pl_states[k]["step"] = s
-        return loss
+                alpha = -step_size * float(group["scale"]) * decay
+                if side == "left":
+                    p.addmm_(left, N, beta=decay, alpha=alpha)
+                elif side == "right":
+                    p.addmm_(N, right, beta=decay, alpha=alpha)
+                else:
+                    p.addmm_(torch.mm(left, N), right, beta=decay, alpha=alpha)
+            for lst in (lr_p, lr_g, lr_m, lr_v, lr_n, lr_steps, lr_pending):
+                lst.clear()
+
+        for p, plan in items:
+            grad = p.grad
+            state = self.state[p]
+            if "step" not in state:
+                state["step"] = 0
+            if plan is not None:
+                side, left, right, _ = plan
+                if side == "left":
+                    R = torch.mm(left.t(), grad)
+                elif side == "right":
+                    R = torch.mm(grad, right.t())
+                else:
+                    R = torch.mm(torch.mm(left.t(), grad), right.t())
+                if "exp_avg" not in state or state["exp_avg"].shape != R.shape:
+                    state["exp_avg"] = _adamw.zeros_moment(R)
+                    state["exp_avg_sq"] = _adamw.zeros_moment(R)
+                lr_p.append(p)
+                lr_g.append(R)
+                lr_m.append(state["exp_avg"])
+                lr_v.append(state["exp_avg_sq"])
+                lr_n.append(torch.empty_like(R))
+                lr_steps.append(state["step"] + 1)
+                lr_pending.append(plan)
+                pending_numel += R.numel()
+                if pending_numel >= _FLUSH_NUMEL:  # bound the projected-gradient temporaries
+                    flush()
+                    pending_numel = 0
+            else:
+                if isinstance(p, DTensor):
+                    # AdamW is elementwise: exact on the local shard (FSDP2 shards the gradient
+                    # as the parameter), and the moments are local too.
+                    p, grad = p.to_local(), grad.to_local()
+                if "exp_avg" not in state:
+                    state["exp_avg"] = _adamw.zeros_moment(p)
+                    state["exp_avg_sq"] = _adamw.zeros_moment(p)
+                pl_states.append(state)
+                pl_p.append(p)
+                pl_g.append(grad if grad.is_contiguous() else grad.contiguous())
+                pl_m.append(state["exp_avg"])
+                pl_v.append(state["exp_avg_sq"])
+                pl_steps.append(state["step"] + 1)
+
+        flush()
+
+        # Plain parameters: galore_torch's AdamW (eps before bias correction, decay after).
+        buckets: dict[int, list[int]] = {}
+        for k, s in enumerate(pl_steps):
+            buckets.setdefault(s, []).append(k)
+        for s, idx in buckets.items():
+            step_size = self._step_size(group, lr, beta1, beta2, s)
+            decay = 1.0 - lr * wd
+            # (p - step_size*N) * decay == p*decay - (step_size*decay)*N: the fused op's
+            # p *= 1 - lr'*wd'; p -= lr'*N with lr' = step_size*decay, wd' = (1 - decay)/lr'.
+            fused = wd == 0.0 or (step_size * decay != 0.0 and decay > 0.0)
+            lr1 = step_size * decay if fused else step_size
+            wd1 = 0.0 if (wd == 0.0 or not fused) else (1.0 - decay) / lr1
+            _adamw.fused_adamw([pl_p[k] for k in idx], [pl_g[k] for k in idx],
+                               [pl_m[k] for k in idx], [pl_v[k] for k in idx], lr=lr1,
+                               beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd1, step=s,
+                               bias_correction=False)
+            for k in idx:
+                if not fused:
+                    pl_p[k].add_(pl_p[k], alpha=-lr * wd)
+                pl_states[k]["step"] = s
 
     @staticmethod
     def _step_size(group, lr, beta1, beta2, step):
@@ -445,21 +578,102 @@ class GaLoreAdamW(torch.optim.Optimizer):
     # -- state dict --------------------------------------------------------------------------------
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """As ``torch.optim.Optimizer.load_state_dict``, but tensors keep their saved dtype.
+        """As ``torch.optim.Optimizer.load_state_dict``, checked first, with the state in the
+        dtypes a step uses.
 
-        (torch casts every floating state tensor to its parameter's dtype, which would turn the
-        float32 moments of a bfloat16 parameter into bfloat16.) Tensors are moved to the
-        parameter's device.
+        Checked before anything changes: the group count and sizes; every group's
+        hyperparameters and projection keys (a state dict of ``torch.optim.AdamW`` lacks
+        ``correct_bias`` and is refused; a group saved with ``rank`` cannot be loaded into one
+        without, or the reverse); and every parameter's state: only ``step``, ``exp_avg``,
+        ``exp_avg_sq``, ``proj_left``, ``proj_right``, of the shapes the saved group's rank and
+        proj_type give for the parameter. On a mismatch nothing is loaded.
+
+        Moments are put in the moment dtype (float32; float64 for float64 parameters) and bases
+        in the parameter dtype, on the parameter's device (torch would cast float32 moments to a
+        bfloat16 parameter's dtype).
         """
-        saved = {k: {name: v for name, v in s.items() if torch.is_tensor(v)}
-                 for k, s in state_dict["state"].items()}
+        where = "GaLoreAdamW.load_state_dict"
+        id_map = self._check_state_dict(where, state_dict)
+        # the saved tensors themselves: torch's loader casts them to the parameter dtype first
+        saved = {id_map[k]: {name: v for name, v in st.items() if torch.is_tensor(v)}
+                 for k, st in state_dict["state"].items()}
         super().load_state_dict(state_dict)
-        params = [p for g in self.param_groups for p in g["params"]]
-        for k, tensors in saved.items():
-            p = params[int(k)]
+        for p, tensors in saved.items():
+            state = self.state[p]
+            local = p.to_local() if isinstance(p, DTensor) else p
+            state["step"] = int(_plain_number(state.get("step", 0)))
             for name, v in tensors.items():
-                if v.dtype != self.state[p][name].dtype:
-                    self.state[p][name] = v.to(device=p.device)
+                if name == "step":
+                    continue
+                dtype = _adamw.moment_dtype(local.dtype) if name.startswith("exp") \
+                    else local.dtype
+                state[name] = v.to(device=local.device, dtype=dtype)
+
+    def _check_state_dict(self, where: str, state_dict) -> dict:
+        """Every check of :meth:`load_state_dict`; raises on a mismatch, changes nothing.
+        Returns ``{saved id: parameter}``."""
+        id_map = _checks.check_state_dict(where, state_dict, self.param_groups,
+                                          group_keys=_GROUP_KEYS, **_HYPER)
+        saved_groups, saved_state = state_dict["param_groups"], state_dict["state"]
+        for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            label = f"state_dict['param_groups'][{i}]"
+            if ("rank" in saved) != ("rank" in group):
+                raise ValueError(f"{where}: {label} is {'' if 'rank' in saved else 'not '}"
+                                 f"projected (has 'rank') but the optimizer's param_groups[{i}] is "
+                                 f"{'' if 'rank' in group else 'not'}")
+            _check_projection(where, label, {**_GROUP_DEFAULTS, **saved} if "rank" in saved
+                              else saved)
+            for pid, p in zip(saved["params"], group["params"]):
+                if pid in saved_state:
+                    self._check_saved_state(where, pid, p, saved_state[pid],
+                                            saved if "rank" in saved else None)
+        return id_map
+
+    @staticmethod
+    def _check_saved_state(where: str, pid, p: torch.Tensor, st: dict, proj: dict | None) -> None:
+        label = f"state_dict['state'][{pid!r}] (parameter of shape {list(p.shape)})"
+        extra = sorted(set(map(str, st)) - {"step", "exp_avg", "exp_avg_sq", "proj_left",
+                                             "proj_right"})
+        if extra:
+            raise ValueError(f"{where}: {label} has entries {extra} that GaLoreAdamW does not "
+                             "keep; it was saved by another optimizer")
+        if "step" in st:
+            _checks.integer(where, f"{label}['step']", _plain_number(st["step"]), low=0)
+        if ("exp_avg" in st) != ("exp_avg_sq" in st):
+            raise ValueError(f"{where}: {label} has only one of exp_avg and exp_avg_sq")
+        local = p.to_local() if isinstance(p, DTensor) else p
+        if proj is None or p.dim() != 2:
+            for name in ("proj_left", "proj_right"):
+                if name in st:
+                    raise ValueError(f"{where}: {label} has {name}, but the parameter is not "
+                                     "projected (its group has no 'rank', or it is not 2-D)")
+            for name in ("exp_avg", "exp_avg_sq"):
+                if name in st:
+                    _checks.state_tensor(where, f"{label}[{name!r}]", st[name], local.shape)
+            return
+        m, n = p.shape
+        side = _side(proj["proj_type"], p.shape)
+        r = min(int(proj["rank"]), m, n)
+        wanted = {"proj_left": (m, r) if side in ("left", "full") else None,
+                  "proj_right": (r, n) if side in ("right", "full") else None}
+        for name, shape in wanted.items():
+            if name in st:
+                if shape is None:
+                    raise ValueError(f"{where}: {label} has {name}, but proj_type "
+                                     f"{proj['proj_type']!r} projects this shape on the {side}")
+                _checks.state_tensor(where, f"{label}[{name!r}]", st[name], shape)
+        moment = {"left": (r, n), "right": (m, r), "full": (r, r)}[side]
+        for name in ("exp_avg", "exp_avg_sq"):
+            if name in st:
+                _checks.state_tensor(where, f"{label}[{name!r}]", st[name], moment)
+
+
+def _plain_number(value):
+    """A one-element tensor as a Python number (torch optimizers keep ``step`` as a tensor)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        value = value.item()
+        return int(value) if float(value).is_integer() else value
+    return value
 
 
 # --- layerwise ------------------------------------------------------------------------------------
@@ -496,6 +710,26 @@ class _MergedState(MutableMapping):
         return sum(len(opt.state) for opt in self._owner.optimizers)
 
 
+class _EndOfBackward:
+    """The callback queued on a backward pass: runs :meth:`Layerwise._end_of_backward` when the
+    pass completes. When a pass raises, autograd drops its queued callbacks without running them;
+    this object is then freed uncalled, and its finalizer tells the optimizer."""
+
+    def __init__(self, owner: "Layerwise"):
+        self._owner = owner
+        self._done = [False]
+        weakref.finalize(self, _EndOfBackward._dropped, owner, self._done)
+
+    def __call__(self) -> None:
+        self._done[0] = True
+        self._owner._end_of_backward()
+
+    @staticmethod
+    def _dropped(owner: "Layerwise", done: list) -> None:
+        if not done[0]:
+            owner._backward_failed()
+
+
 class Layerwise(torch.optim.Optimizer):
     """Per-parameter optimizers stepped during backward; built by :func:`layerwise`.
 
@@ -504,28 +738,47 @@ class Layerwise(torch.optim.Optimizer):
     ``state`` is a live view of the inner states (``del lw.state[p]`` frees ``p``'s state).
     ``step()`` updates nothing (the hooks do); it is there so schedulers and training loops can
     call it. Attributes: ``optimizers`` (in parameter order), ``schedulers`` (when
-    ``make_scheduler`` was given), ``accumulation_steps``, ``num_steps`` (optimizer steps done).
+    ``make_scheduler`` was given), ``accumulation_steps``, ``num_steps`` (optimizer steps done),
+    ``failed_backwards`` (backward passes that raised, see below).
+
+    A backward pass that raises (out of memory, an error in a hook or in an inner optimizer's
+    step) is noticed as soon as autograd drops it: the gradients accumulated in its window are
+    dropped and the window restarts, with a warning, so the next backward pass trains normally.
+    Parameters already stepped during the failed pass (possible in the last micro-batch of a
+    window, where each parameter steps as soon as its gradient is complete) keep their update.
     """
 
     def __init__(self, params, make_optimizer: Callable[[torch.nn.Parameter], torch.optim.Optimizer],
                  accumulation_steps: int = 1, make_scheduler: Callable | None = None):
-        if isinstance(accumulation_steps, bool) or not isinstance(accumulation_steps, int) \
-                or accumulation_steps < 1:
-            raise ValueError(f"layerwise: accumulation_steps must be an int >= 1, got {accumulation_steps!r}")
+        where = "layerwise"
+        accumulation_steps = _checks.integer(where, "accumulation_steps", accumulation_steps,
+                                             low=1)
+        if not callable(make_optimizer):
+            raise TypeError(f"{where}: make_optimizer must be callable, got "
+                            f"{type(make_optimizer).__name__}")
+        if make_scheduler is not None and not callable(make_scheduler):
+            raise TypeError(f"{where}: make_scheduler must be callable or None, got "
+                            f"{type(make_scheduler).__name__}")
         if isinstance(params, torch.nn.Module):
             params = [p for p in params.parameters() if p.requires_grad]
+        elif isinstance(params, torch.Tensor):
+            params = [params]
         else:
             params = list(params)
         if not params:
-            raise ValueError("layerwise: no parameters given")
-        seen = set()
-        self.params = []
-        for p in params:
+            raise ValueError(f"{where}: no parameters given")
+        seen: dict = {}
+        for k, p in enumerate(params):
             if not isinstance(p, torch.Tensor):
-                raise TypeError(f"layerwise: params must be tensors, got {type(p).__name__}")
-            if p not in seen:
-                seen.add(p)
-                self.params.append(p)
+                raise TypeError(f"{where}: params[{k}] is {type(p).__name__}, not a tensor")
+            if not (p.is_leaf and p.requires_grad):
+                raise ValueError(f"{where}: params[{k}] (shape {list(p.shape)}) must be a leaf "
+                                 "tensor with requires_grad=True (its gradient hook steps it)")
+            if id(p) in seen:
+                raise ValueError(f"{where}: params[{k}] (shape {list(p.shape)}) is the same "
+                                 f"tensor as params[{seen[id(p)]}]; pass each parameter once")
+            seen[id(p)] = k
+        self.params = list(params)
         self.accumulation_steps = accumulation_steps
         self.optimizers: list[torch.optim.Optimizer] = []
         self._optimizer_of: dict = {}
@@ -534,15 +787,20 @@ class Layerwise(torch.optim.Optimizer):
         for p in self.params:
             opt = make_optimizer(p)
             if not isinstance(opt, torch.optim.Optimizer):
-                raise TypeError(f"layerwise: make_optimizer must return a torch.optim.Optimizer, "
+                raise TypeError(f"{where}: make_optimizer must return a torch.optim.Optimizer, "
                                 f"got {type(opt).__name__}")
             owned = [q for g in opt.param_groups for q in g["params"]]
             if len(owned) != 1 or owned[0] is not p:
-                raise ValueError("layerwise: make_optimizer(p) must return an optimizer over exactly [p]")
+                raise ValueError(f"{where}: make_optimizer(p) must return an optimizer over "
+                                 "exactly [p]")
             self.optimizers.append(opt)
             self._optimizer_of[p] = opt
             if make_scheduler is not None:
                 sched = make_scheduler(opt)
+                if not (callable(getattr(sched, "step", None))
+                        and callable(getattr(sched, "state_dict", None))):
+                    raise TypeError(f"{where}: make_scheduler must return an LR scheduler (with "
+                                    f"step() and state_dict()), got {type(sched).__name__}")
                 self.schedulers.append(sched)
                 self._scheduler_of[p] = sched
         # torch.optim.Optimizer plumbing (hooks, step patching), then share the inner groups.
@@ -550,8 +808,10 @@ class Layerwise(torch.optim.Optimizer):
         self.param_groups = [g for opt in self.optimizers for g in opt.param_groups]
         self.state = _MergedState(self)
         self.num_steps = 0
+        self.failed_backwards = 0
         self._micro = 0              # completed backward passes in the current window
         self._in_backward = False
+        self._stepped_in_pass = 0    # parameters stepped during the current backward pass
         self._pending: set = set()   # params with a gradient accumulated in this window
         self._handles = [p.register_post_accumulate_grad_hook(self._hook) for p in self.params]
 
@@ -562,9 +822,11 @@ class Layerwise(torch.optim.Optimizer):
             return
         if not self._in_backward:
             self._in_backward = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+            self._stepped_in_pass = 0
+            torch.autograd.Variable._execution_engine.queue_callback(_EndOfBackward(self))
         if self._micro + 1 == self.accumulation_steps:
             self._step_param(p)
+            self._stepped_in_pass += 1
         else:
             self._pending.add(p)
 
@@ -586,6 +848,23 @@ class Layerwise(torch.optim.Optimizer):
                 self._step_param(p)
             self._micro = 0
             self.num_steps += 1
+
+    def _backward_failed(self) -> None:
+        """The backward pass whose end-of-backward callback was queued was dropped by autograd
+        without running it: it raised. Drop the window's gradients and restart the window."""
+        stepped = self._stepped_in_pass
+        for p in self.params:
+            p.grad = None
+        self._pending.clear()
+        self._micro = 0
+        self._in_backward = False
+        self._stepped_in_pass = 0
+        self.failed_backwards += 1
+        warnings.warn(
+            "layerwise: a backward pass raised; the gradients accumulated in its window were "
+            "dropped and the window restarts"
+            + (f" ({stepped} parameter(s) had already been stepped during that pass and keep "
+               "their update)" if stepped else ""), RuntimeWarning, stacklevel=2)
 
     # -- Optimizer API -----------------------------------------------------------------------------
 
@@ -635,17 +914,57 @@ class Layerwise(torch.optim.Optimizer):
         return out
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Loads what :meth:`state_dict` saved. The structure, counts and counters are checked
+        first, and an inner optimizer that refuses its state (e.g. a :class:`GaLoreAdamW` whose
+        saved shapes differ) makes every inner optimizer and scheduler go back to the state it
+        had: on failure nothing changes."""
+        where = "Layerwise.load_state_dict"
+        if not isinstance(state_dict, Mapping) or "optimizers" not in state_dict:
+            raise ValueError(f"{where}: expected the dict of Layerwise.state_dict() (with "
+                             "'optimizers'), got "
+                             + (f"keys {sorted(map(str, state_dict))}"
+                                if isinstance(state_dict, Mapping) else type(state_dict).__name__))
         opts = state_dict["optimizers"]
+        if not isinstance(opts, (list, tuple)) or not all(isinstance(o, Mapping) for o in opts):
+            raise TypeError(f"{where}: state_dict['optimizers'] must be a list of optimizer "
+                            "state dicts")
         if len(opts) != len(self.optimizers):
-            raise ValueError(f"Layerwise.load_state_dict: {len(opts)} optimizer states for "
+            raise ValueError(f"{where}: {len(opts)} optimizer states for "
                              f"{len(self.optimizers)} parameters")
-        for opt, sd in zip(self.optimizers, opts):
-            opt.load_state_dict(sd)
-        if self.schedulers is not None and "schedulers" in state_dict:
-            for s, sd in zip(self.schedulers, state_dict["schedulers"]):
-                s.load_state_dict(sd)
-        self.num_steps = int(state_dict.get("num_steps", 0))
-        self._micro = int(state_dict.get("micro", 0))
+        scheds = state_dict.get("schedulers")
+        if self.schedulers is not None and scheds is not None:
+            if not isinstance(scheds, (list, tuple)) or len(scheds) != len(self.schedulers) \
+                    or not all(isinstance(d, Mapping) for d in scheds):
+                raise ValueError(f"{where}: state_dict['schedulers'] must be a list of "
+                                 f"{len(self.schedulers)} scheduler state dicts")
+        num_steps = _checks.integer(where, "state_dict['num_steps']",
+                                    state_dict.get("num_steps", 0), low=0)
+        micro = _checks.integer(where, "state_dict['micro']", state_dict.get("micro", 0), low=0,
+                                high=self.accumulation_steps - 1)
+        for k, (opt, sd) in enumerate(zip(self.optimizers, opts)):
+            if isinstance(opt, GaLoreAdamW):  # checked without loading
+                opt._check_state_dict(f"{where}: optimizers[{k}]", sd)
+        # load, undoing the loaded ones if one refuses (the old state dicts only reference the
+        # old tensors, which loading replaces without writing to them)
+        before = [opt.state_dict() for opt in self.optimizers]
+        sched_before = [sch.state_dict() for sch in self.schedulers or []]
+        done = 0
+        try:
+            for opt, sd in zip(self.optimizers, opts):
+                opt.load_state_dict(sd)
+                done += 1
+            if self.schedulers is not None and scheds is not None:
+                for sch, sd in zip(self.schedulers, scheds):
+                    sch.load_state_dict(sd)
+        except Exception:
+            for opt, sd in zip(self.optimizers[:done], before):
+                opt.load_state_dict(sd)
+            for sch, sd in zip(self.schedulers or [], sched_before):
+                sch.load_state_dict(sd)
+            raise
+        self.param_groups = [g for opt in self.optimizers for g in opt.param_groups]
+        self.num_steps = num_steps
+        self._micro = micro
 
     def __repr__(self) -> str:
         return (f"Layerwise({len(self.optimizers)} per-parameter optimizers, "

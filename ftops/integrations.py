@@ -15,11 +15,12 @@ Importing this module imports ``transformers``; ``import ftops`` does not.
 from __future__ import annotations
 
 import logging
+import warnings
 
 import torch
 from transformers import Trainer, TrainerCallback
 
-from .mezo import MeZO
+from .mezo import REFERENCE_NO_DECAY, MeZO, param_groups as mezo_param_groups
 from .owlore import OwLore
 
 __all__ = ["MeZOTrainer", "OwLoreCallback"]
@@ -63,6 +64,16 @@ class MeZOTrainer(Trainer):
         trainer = MeZOTrainer(model=model, args=args, train_dataset=ds, optimizers=(opt, None))
         trainer.train()
 
+    or let it build the MeZO as the reference's trainer does (``optimizers`` left out): learning
+    rate ``args.learning_rate``, weight decay ``args.weight_decay`` on every trainable parameter
+    except those whose names contain ``"bias"``, ``"layer_norm"`` or ``"layernorm"``
+    (:func:`ftops.mezo.param_groups`), seed ``args.seed``; ``mezo_kwargs`` go to
+    :class:`ftops.MeZO` (``eps``, ``n_samples``, ``exact_restore``, ``keep_log``, ``seed``) and
+    may set ``no_decay`` (the name substrings that get no weight decay)::
+
+        trainer = MeZOTrainer(model=model, args=args, train_dataset=ds,
+                              mezo_kwargs={"eps": 1e-3})
+
     Each optimizer step is one ``MeZO.step`` whose closure evaluates the Trainer's loss
     (``compute_loss``, so ``compute_loss_func`` and label smoothing apply) with the model in eval
     mode (no dropout in the two forwards, as the reference). With
@@ -71,22 +82,60 @@ class MeZOTrainer(Trainer):
     window's projected gradient, with the memory of one micro-batch's forward. The logged
     ``loss`` is the window's loss at ``θ + εz`` (what MeZO returns); ``projected_grad`` is logged
     with it. ``max_grad_norm`` has nothing to clip (there are no gradients). With
-    ``optimizers=(opt, None)`` the Trainer builds its usual LR schedule on the MeZO learning rate.
+    ``optimizers=(opt, None)`` the Trainer builds its usual LR schedule on the MeZO learning rate;
+    a scheduler passed in must be built on the MeZO optimizer (else it would schedule nothing).
     """
 
-    def __init__(self, *args, **kwargs):
+    _MEZO_KWARGS = ("eps", "n_samples", "exact_restore", "keep_log", "seed", "no_decay")
+
+    def __init__(self, *args, mezo_kwargs: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        where = "MeZOTrainer"
         opt = self.optimizer
         if isinstance(opt, _TrainerFacingMeZO):
             opt = opt.mezo
+        if mezo_kwargs is not None:
+            if not isinstance(mezo_kwargs, dict):
+                raise TypeError(f"{where}: mezo_kwargs must be a dict, got "
+                                f"{type(mezo_kwargs).__name__}")
+            unknown = sorted(set(mezo_kwargs) - set(self._MEZO_KWARGS))
+            if unknown:
+                raise TypeError(f"{where}: unknown mezo_kwargs {unknown}; accepted: "
+                                f"{list(self._MEZO_KWARGS)}")
+            if opt is not None:
+                raise ValueError(f"{where}: mezo_kwargs configure the MeZO the trainer builds; "
+                                 "with optimizers=(ftops.MeZO(...), ...) set them on that MeZO")
+        self._mezo_kwargs = dict(mezo_kwargs or {})
+        self._window: list = []
+        self.mezo: MeZO | None = None
+        if opt is None:
+            if self.lr_scheduler is not None:
+                raise ValueError(f"{where}: a scheduler was passed without an optimizer; pass "
+                                 "optimizers=(ftops.MeZO(...), scheduler built on it)")
+            return  # built by create_optimizer, from the training arguments
         if not isinstance(opt, MeZO):
             raise TypeError("MeZOTrainer: pass a ftops.MeZO optimizer, optimizers=(ftops.MeZO(...), "
-                            f"scheduler or None); got {type(opt).__name__}")
+                            f"scheduler or None), or none at all; got {type(opt).__name__}")
         self.mezo = opt
         self.optimizer = _TrainerFacingMeZO(opt)
-        if self.lr_scheduler is not None and getattr(self.lr_scheduler, "optimizer", None) is not opt:
-            logger.warning("MeZOTrainer: the LR scheduler was not built on the MeZO optimizer")
-        self._window: list = []
+        sched_opt = getattr(self.lr_scheduler, "optimizer", None)
+        if self.lr_scheduler is not None and getattr(sched_opt, "param_groups", None) \
+                is not opt.param_groups:
+            raise ValueError(f"{where}: the LR scheduler was not built on the MeZO optimizer "
+                             "(it would change another optimizer's learning rate)")
+
+    def create_optimizer(self, model=None):
+        """The MeZO given to the trainer, or, when none was, one built from the training
+        arguments with the reference's weight-decay rule (see the class docstring)."""
+        if self.mezo is None:
+            kw = dict(self._mezo_kwargs)
+            no_decay = kw.pop("no_decay", REFERENCE_NO_DECAY)
+            kw.setdefault("seed", self.args.seed)
+            groups = mezo_param_groups(self.model if model is None else model,
+                                       self.args.weight_decay, no_decay)
+            self.mezo = MeZO(groups, lr=self.args.learning_rate, **kw)
+            self.optimizer = _TrainerFacingMeZO(self.mezo)
+        return self.optimizer
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self._window.append(inputs)
@@ -106,7 +155,7 @@ class MeZOTrainer(Trainer):
                     loss = self.compute_loss(model, batch, num_items_in_batch=num_items_in_batch)
                 if self.args.n_gpu > 1:
                     loss = loss.mean()
-                loss = loss.detach().float()
+                loss = loss.detach().double()  # exact for any float loss, summed in float64
                 total = loss if total is None else total + loss
             return total if scaled else total / len(batches)
 
@@ -125,7 +174,7 @@ class MeZOTrainer(Trainer):
                     or self.compute_loss_func is not None)
 
     def log(self, logs, *args, **kwargs):
-        if "loss" in logs and self.mezo.log:
+        if "loss" in logs and self.mezo is not None and self.mezo.log:
             logs["projected_grad"] = float(self.mezo.log[-1].projected_grads[0])
         return super().log(logs, *args, **kwargs)
 
@@ -140,13 +189,24 @@ class OwLoreCallback(TrainerCallback):
                 callbacks=[OwLoreCallback(sampler)]).train()
 
     The sampler's ``state_dict`` is not part of Trainer checkpoints: save and restore it yourself
-    when resuming (``sampler.state_dict()`` holds tensors and ints only).
+    when resuming (``sampler.state_dict()`` holds tensors and ints only). The sampler counts its
+    own steps (the reference draws when the Trainer's ``global_step`` is a multiple of the
+    period): when training begins at a ``global_step`` other than the sampler's step count, as
+    after a resume without ``sampler.load_state_dict``, a warning says so.
     """
 
     def __init__(self, sampler: OwLore):
         if not isinstance(sampler, OwLore):
-            raise TypeError(f"OwLoreCallback: sampler must be a ftops.OwLore, got {type(sampler).__name__}")
+            raise TypeError("OwLoreCallback: sampler must be a ftops.OwLore, got "
+                            f"{type(sampler).__name__}")
         self.sampler = sampler
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step != self.sampler.steps:
+            warnings.warn(f"OwLoreCallback: training begins at global_step {state.global_step} but "
+                          f"the sampler has taken {self.sampler.steps} steps; its draws follow its "
+                          "own count (load its state_dict saved with the checkpoint to resume "
+                          "them)", stacklevel=2)
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.sampler.step()  # logs each draw (logger ftops.owlore, INFO)

@@ -306,7 +306,8 @@ DIRECTION_BAD = {
                      r"exp_avg_sqs\[2\] has dtype Double"),
     "noncontiguous": (lambda G, M, V, O, d: M.__setitem__(2, torch.zeros(6, 2, device=d)[:, 0]),
                       r"exp_avgs\[2\] must be contiguous"),
-    "out_aliases_moment": (lambda G, M, V, O, d: O.__setitem__(2, M[2]), r"out\[2\] and exp_avgs\[2\] share memory"),
+    "out_aliases_moment": (lambda G, M, V, O, d: O.__setitem__(2, M[2]),
+                           r"exp_avgs\[2\] and out\[2\] share memory"),
     "length": (lambda G, M, V, O, d: O.pop(), r"out has 2 tensors but grads has 3"),
 }
 
@@ -359,3 +360,64 @@ def test_cuda_matches_cpu_bitwise():
     _ops.adam_direction_(cuda[1], cuda[2], cuda[3], out_c, beta1=0.9, beta2=0.99, eps=1e-8, step=5)
     for a, b in zip(out + m + v, out_c + cuda[2] + cuda[3]):
         assert torch.equal(a, b.cpu())
+
+
+# --- arguments that overlap in memory, meta tensors ----------------------------------------------
+
+ALIASES = {
+    # (mutate params, grads, exp_avgs, exp_avg_sqs, message)
+    "param is its moment": (lambda P, G, M, V: M.__setitem__(1, P[1]),
+                            r"params\[1\] and exp_avgs\[1\] share memory"),
+    "param is its grad": (lambda P, G, M, V: G.__setitem__(0, P[0]),
+                          r"params\[0\] and grads\[0\] share memory"),
+    "param is another's moment": (lambda P, G, M, V: V.__setitem__(2, P[0][:6]),
+                                  r"params\[0\] and exp_avg_sqs\[2\] share memory"),
+    "grad overlaps a moment (views)": (
+        lambda P, G, M, V: G.__setitem__(2, M[0].view(-1)[4000:4006]),
+        r"grads\[2\] and exp_avgs\[0\] share memory"),
+    "param listed twice": (lambda P, G, M, V: (P.__setitem__(2, P[1][:6]),),
+                           r"params\[1\] and params\[2\] share memory"),
+}
+
+
+@pytest.mark.parametrize("case", list(ALIASES))
+def test_adamw_overlapping_arguments_refused(device, case):
+    """Storage overlap, not identity: a view into another argument is refused too."""
+    mutate, msg = ALIASES[case]
+    params, grads, m, v = _three(device)
+    mutate(params, grads, m, v)
+    before = [t.clone() for t in params + grads + m + v]
+    with pytest.raises(RuntimeError, match=r"ftops\.adamw_: " + msg):
+        _adamw_call(params, grads, m, v)
+    for a, b in zip(params + grads + m + v, before):
+        assert torch.equal(a, b)
+
+
+def test_adam_direction_overlapping_arguments_refused(device):
+    _, grads, m, v = _three(device)
+    out = [torch.zeros_like(g) for g in grads]
+    out[1] = grads[1]  # the direction written over the gradient it reads
+    before = [t.clone() for t in grads + m + v]
+    with pytest.raises(RuntimeError, match=r"grads\[1\] and out\[1\] share memory"):
+        _ops.adam_direction_(grads, m, v, out, beta1=0.9, beta2=0.999, eps=1e-8, step=1)
+    for a, b in zip(grads + m + v, before):
+        assert torch.equal(a, b)
+
+
+def test_meta_tensors_mixed_in_refused(device):
+    """One meta tensor sends the call to the meta kernel, which would update nothing."""
+    params, grads, m, v = _three(device)
+    v[1] = torch.zeros(7, device="meta")
+    before = [t.clone() for t in params + grads + m]
+    with pytest.raises(RuntimeError, match=r"ftops\.adamw_: exp_avg_sqs\[1\] is on meta"):
+        _adamw_call(params, grads, m, v)
+    for a, b in zip(params + grads + m, before):
+        assert torch.equal(a, b)
+    _, grads, m, v = _three(device)
+    out = [torch.zeros_like(g) for g in grads]
+    out[0] = torch.zeros(4097, device="meta")
+    before = [t.clone() for t in grads + m + v]
+    with pytest.raises(RuntimeError, match=r"ftops\.adam_direction_: out\[0\] is on meta"):
+        _ops.adam_direction_(grads, m, v, out, beta1=0.9, beta2=0.999, eps=1e-8, step=1)
+    for a, b in zip(grads + m + v, before):
+        assert torch.equal(a, b)

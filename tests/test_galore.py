@@ -166,10 +166,11 @@ def test_reverse_std_square_projection_fixed(device):
             ref.step()
 
 
-@pytest.mark.parametrize("bad", [0, -3, 1.5, True, None])
-def test_rank_must_be_positive_int(bad):
+@pytest.mark.parametrize("bad,exc", [(0, ValueError), (-3, ValueError), (1.5, TypeError),
+                                     (True, TypeError), (None, TypeError)])
+def test_rank_must_be_positive_int(bad, exc):
     w = torch.nn.Parameter(torch.randn(4, 4))
-    with pytest.raises(ValueError, match="rank"):
+    with pytest.raises(exc, match="rank"):
         GaLoreAdamW([{"params": [w], "rank": bad}])
 
 
@@ -373,6 +374,271 @@ def test_bf16_close_to_f32(device):
     train(m16, o16, [(x.bfloat16(), y.bfloat16()) for x, y in data32], 5)
     for a, b in zip(m32.parameters(), m16.parameters()):
         torch.testing.assert_close(b.float(), a, rtol=0.05, atol=0.02)
+
+
+# --- every failure loud, and no half-updated model ------------------------------------------------
+
+def _three_groups(device):
+    model = make_model(device)
+    ps = list(model.parameters())  # w0 (40x24), b0, w2 (12x40), b2
+    opt = GaLoreAdamW([{"params": [ps[0]], "rank": 6, "update_proj_gap": 2},
+                       {"params": [ps[1], ps[3]]},
+                       {"params": [ps[2]], "rank": 4, "update_proj_gap": 2, "proj_type": "left"}],
+                      lr=1e-2, weight_decay=0.01)
+    return model, ps, opt
+
+
+def _frozen_copy(ps, opt):
+    return ([p.detach().clone() for p in ps], [p.grad.clone() for p in ps],
+            copy.deepcopy(opt.state_dict()))
+
+
+def _assert_bitwise_same(a, b):
+    if torch.is_tensor(a):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        if a.numel():
+            assert torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for k in a:
+            _assert_bitwise_same(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            _assert_bitwise_same(x, y)
+    else:
+        assert a == b or (a != a and b != b)
+
+
+@pytest.mark.parametrize("key,value,exc", [
+    ("lr", float("nan"), ValueError), ("lr", float("inf"), ValueError), ("lr", -1e-3, ValueError),
+    ("eps", -1e-8, ValueError), ("weight_decay", float("nan"), ValueError),
+    ("weight_decay", -0.1, ValueError), ("betas", (0.9, 1.0), ValueError),
+    ("betas", (float("nan"), 0.999), ValueError), ("rank", 0, ValueError),
+    ("update_proj_gap", 0, ValueError), ("proj_type", "diag", ValueError),
+    ("scale", float("inf"), ValueError), ("correct_bias", "yes", TypeError),
+])
+def test_invalid_last_group_changes_nothing(device, key, value, exc):
+    """An invalid value set on the last group after construction (by hand or a scheduler) is
+    found before the first group is updated: parameters, gradients and state bit for bit."""
+    model, ps, opt = _three_groups(device)
+    data = batches(device, 3)
+    train(model, opt, data, 2)
+    x, y = data[2]
+    (model(x) - y).square().mean().backward()
+    before = _frozen_copy(ps, opt)
+    opt.param_groups[2][key] = value
+    with pytest.raises(exc, match=rf"GaLoreAdamW.step: param_groups\[2\]\['{key}'\]"):
+        opt.step()
+    opt.param_groups[2][key] = before[2]["param_groups"][2][key]
+    _assert_bitwise_same(before, _frozen_copy(ps, opt))
+    opt.step()  # and with the value put back it steps
+
+
+def test_failing_refresh_changes_nothing(device, monkeypatch):
+    """Every new basis of a refresh step is computed before the first update: a projector that
+    fails on the last parameter leaves the model, moments and bases as they were."""
+    model, ps, opt = _three_groups(device)
+    data = batches(device, 3)
+    train(model, opt, data, 2)  # the next step (step count 2) refreshes both projected weights
+    x, y = data[2]
+    (model(x) - y).square().mean().backward()
+    before = _frozen_copy(ps, opt)
+    real = ftops.galore.svd_basis
+
+    def failing(grad, rank, side):
+        if grad.shape == ps[2].shape:
+            raise torch.linalg.LinAlgError("svd did not converge")
+        return real(grad, rank, side)
+    monkeypatch.setattr(ftops.galore, "svd_basis", failing)
+    with pytest.raises(torch.linalg.LinAlgError, match="converge"):
+        opt.step()
+    _assert_bitwise_same(before, _frozen_copy(ps, opt))
+    monkeypatch.setattr(ftops.galore, "svd_basis", real)
+    opt.step()
+    assert opt.state[ps[2]]["step"] == 3
+
+
+def test_same_parameter_twice_is_refused():
+    """torch only warns; GaLore would step the shared moments twice."""
+    w, b = torch.nn.Parameter(torch.randn(6, 4)), torch.nn.Parameter(torch.randn(4))
+    with pytest.raises(ValueError, match="appears twice"):
+        GaLoreAdamW([{"params": [w, w], "rank": 2}])
+    with pytest.raises(ValueError, match="appears twice"):
+        GaLoreAdamW([{"params": [w], "rank": 2}, {"params": [b, w]}])
+    opt = GaLoreAdamW([w])
+    with pytest.raises(ValueError, match="appears twice"):
+        opt.add_param_group({"params": [b, w], "rank": 2})
+    assert len(opt.param_groups) == 1
+    with pytest.raises(ValueError, match="same tensor"):
+        ftops.layerwise([w, b, w], lambda p: GaLoreAdamW([p]))
+
+
+def test_load_state_dict_refuses_a_foreign_or_malformed_state():
+    """Checked at load time, naming what differs, and nothing is loaded (the full table is in
+    tests/test_probe.py)."""
+    model = make_model("cpu")
+    opt = GaLoreAdamW(galore_groups(model), lr=1e-2)
+    train(model, opt, batches("cpu", 2), 2)
+    good = copy.deepcopy(opt.state_dict())
+    adamw = torch.optim.AdamW([{"params": [model[0].weight, model[2].weight]},
+                               {"params": [model[0].bias, model[2].bias]}])
+    (model(torch.randn(3, 24)).square().mean()).backward()
+    adamw.step()
+    with pytest.raises(ValueError, match="correct_bias"):
+        opt.load_state_dict(adamw.state_dict())
+    bad = copy.deepcopy(good)
+    bad["state"][0]["exp_avg"] = torch.zeros(40, 24)  # a full-size moment for a projected weight
+    with pytest.raises(ValueError,
+                       match=r"exp_avg'\] has shape \[40, 24\] but must have shape \[40, 6\]"):
+        opt.load_state_dict(bad)
+    bad = copy.deepcopy(good)
+    bad["param_groups"][0]["rank"] = 3  # the saved basis and moments are rank 6
+    with pytest.raises(ValueError,
+                       match=r"proj_right'\] has shape \[6, 24\] but must have shape \[3, 24\]"):
+        opt.load_state_dict(bad)
+    _assert_bitwise_same(good, opt.state_dict())
+    opt.load_state_dict(good)  # the real one loads
+
+
+# --- layerwise: a backward pass that raises -------------------------------------------------------
+
+class _Fail(torch.autograd.Function):
+    """Identity forward; its backward raises (a stand-in for running out of memory)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+
+def _layerwise_run(device, accum, schedule):
+    """Trains a layerwise model on `schedule`: a list of (batch index, fail) where fail is None,
+    "loss" (the backward raises before any parameter gets its gradient) or "middle" (after the
+    last layer's parameters got theirs). Returns the model and the Layerwise."""
+    data = batches(device, 12)
+    model = make_model(device)
+    lw = ftops.layerwise(model, make_optimizer, accumulation_steps=accum)
+    for i, fail in schedule:
+        x, y = data[i]
+        if fail == "middle":
+            out = model[2](_Fail.apply(model[1](model[0](x))))
+        else:
+            out = model(x)
+        loss = (out - y).square().mean().div(accum)
+        if fail == "loss":
+            loss = _Fail.apply(loss)
+        if fail is None:
+            loss.backward()
+        elif fail == "loss":  # no gradient reached a parameter: nothing to recover
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                with pytest.raises(RuntimeError, match="simulated"):
+                    loss.backward()
+        else:
+            with pytest.warns(RuntimeWarning, match="backward pass raised"):
+                with pytest.raises(RuntimeError, match="simulated"):
+                    loss.backward()
+            assert all(p.grad is None for p in model.parameters())
+    return model, lw
+
+
+@pytest.mark.parametrize("accum,failing,fail,skipped", [
+    (1, 2, "loss", [2]),            # a lost step
+    (3, 4, "middle", [3, 4]),       # mid-window: the window so far is dropped, partial grads too
+    (3, 3, "loss", [3]),            # first micro-batch of a window
+])
+def test_layerwise_recovers_after_a_failed_backward(device, accum, failing, fail, skipped):
+    """After a backward pass raises, training goes on as if its window had not been there."""
+    n = 9 + len(skipped)
+    with_failure = [(i, fail if i == failing else None) for i in range(n)]
+    without = [(i, None) for i in range(n) if i not in skipped]
+    m1, lw1 = _layerwise_run(device, accum, with_failure)
+    m2, lw2 = _layerwise_run(device, accum, without)
+    assert lw1.failed_backwards == (fail == "middle") and lw2.failed_backwards == 0
+    assert lw1.num_steps == lw2.num_steps == 9 // accum
+    for a, b in zip(m1.parameters(), m2.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_layerwise_failure_in_the_last_micro_batch_keeps_earlier_steps(device):
+    """accumulation_steps=1: parameters whose gradient was complete before the failure were
+    stepped during the failed pass; they keep that update, the others lose the step, and the
+    next backward passes train normally."""
+    data = batches(device, 3)
+    model = make_model(device)
+    lw = ftops.layerwise(model, make_optimizer)
+    last = [p.detach().clone() for p in model[2].parameters()]
+    first = [p.detach().clone() for p in model[0].parameters()]
+    x, y = data[0]
+    with pytest.warns(RuntimeWarning, match=r"2 parameter\(s\) had already been stepped"):
+        with pytest.raises(RuntimeError, match="simulated"):
+            (model[2](_Fail.apply(model[1](model[0](x)))) - y).square().mean().backward()
+    assert all(not torch.equal(p, q) for p, q in zip(model[2].parameters(), last))
+    assert all(torch.equal(p, q) for p, q in zip(model[0].parameters(), first))
+    assert [lw.state[p]["step"] for p in model[2].parameters()] == [1, 1]
+    for x, y in data[1:]:
+        (model(x) - y).square().mean().backward()
+    assert lw.num_steps == 2
+    assert [lw.state[p]["step"] for p in model.parameters()] == [2, 2, 3, 3]
+
+
+# --- galore_torch's released configuration, side by side ------------------------------------------
+
+def _tiny_llama(dtype):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=256, intermediate_size=384,
+                                   num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=4, max_position_embeddings=32)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).to(dtype)
+
+
+def _released_groups(model, **galore):
+    """torchrun_main.py's grouping: the weights of the Linear modules whose names contain "attn"
+    or "mlp" are projected, everything else is a plain group (listed first)."""
+    projected = [m.weight for n, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and any(k in n for k in ("attn", "mlp"))]
+    ids = {id(p) for p in projected}
+    regular = [p for p in model.parameters() if id(p) not in ids]
+    return [{"params": regular}, {"params": projected, **galore}]
+
+
+# jiaweizzhao/GaLore scripts/benchmark_c4/llama_60m.sh (and the other C4 scripts): GaLore-AdamW
+# with rank 128, update_proj_gap 200, galore_scale 0.25, proj_type std (the default), lr 0.01,
+# weight decay 0, bfloat16 weights.
+RELEASED = dict(rank=128, update_proj_gap=200, scale=0.25, proj_type="std")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["f32", "bf16"])
+def test_released_configuration_side_by_side_with_galore_torch(dtype):
+    """The released configuration on a small Llama (hidden 256, so that rank 128 projects) with
+    ftops and with galore_torch from the same weights and batches: the same steps (float32: to
+    float32 rounding; bfloat16: galore_torch keeps its moments in bfloat16, ftops in float32, so
+    the weights agree to bfloat16 resolution)."""
+    ref_cls = galore_torch_adamw()
+    m1, m2 = _tiny_llama(dtype), _tiny_llama(dtype)
+    ours = GaLoreAdamW(_released_groups(m1, **RELEASED), lr=0.01, weight_decay=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ref = ref_cls(_released_groups(m2, **RELEASED), lr=0.01, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(3)
+    base = [p.detach().clone() for p in m1.parameters()]
+    for _ in range(4):
+        x = torch.randint(0, 64, (4, 16), generator=gen)
+        for m, opt in ((m1, ours), (m2, ref)):
+            m(input_ids=x, labels=x).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    for (n, a), b in zip(m1.named_parameters(), m2.parameters()):
+        torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{n}: {m}")
+    w = m1.model.layers[0].self_attn.q_proj.weight
+    assert ours.state[w]["proj_right"].shape == (128, 256)  # std, square: the right side
+    assert all(not torch.equal(a, b) for a, b in zip(m1.parameters(), base))
 
 
 # --- layerwise ------------------------------------------------------------------------------------

@@ -474,3 +474,54 @@ def test_axpby_empty_list_still_checks_arguments():
         _ops.zo_axpby_([], list(range(9)), [], [], [])
     with pytest.raises(RuntimeError, match="ids"):
         _ops.zo_axpby_([], [1], [0], [], [])
+
+
+# --- non-finite coefficients, overlapping tensors, meta tensors ----------------------------------
+
+
+@pytest.mark.parametrize("what", ["coeffs", "decay", "undo_coeffs"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_coefficient_refused(device, what, bad):
+    """A NaN or infinite coefficient would write NaN into every element it touches: refused,
+    naming the entry, before anything is written."""
+    params = _good(device, K3)
+    before = [p.clone() for p in params]
+    coeffs, decay, undo = [0.5] * (2 * K3), [0.01] * K3, [0.1] * K3
+    {"coeffs": coeffs, "decay": decay, "undo_coeffs": undo}[what][2] = bad
+    with pytest.raises(RuntimeError, match=rf"zo_undo_axpby_: {what}\[2\] must be finite"):
+        _ops.zo_undo_axpby_(params, 9, undo, [1, 2], list(range(K3)), coeffs, decay)
+    if what != "undo_coeffs":
+        with pytest.raises(RuntimeError, match=rf"zo_axpby_: {what}\[2\] must be finite"):
+            _ops.zo_axpby_(params, [1, 2], list(range(K3)), coeffs, decay)
+    assert_unchanged(params, before)
+
+
+@pytest.mark.parametrize("op", ["axpby", "undo"])
+@pytest.mark.parametrize("overlap", ["same tensor", "overlapping views"])
+def test_overlapping_params_refused(device, op, overlap):
+    """Two list entries sharing memory would each get the other's noise too."""
+    buf = torch.randn(20, device=device)
+    other = torch.randn(5, device=device)
+    params = [other, buf[:12], buf if overlap == "same tensor" else buf[11:]]
+    before = [p.clone() for p in params]
+    with pytest.raises(RuntimeError, match=r"params\[1\] and params\[2\] share memory"):
+        if op == "axpby":
+            _ops.zo_axpby_(params, [1], [0, 1, 2], [1.0] * 3, [0.0] * 3)
+        else:
+            _ops.zo_undo_axpby_(params, 1, [0.1] * 3, [], [0, 1, 2], [], [0.0] * 3)
+    assert_unchanged(params, before)
+    # disjoint views of one buffer are fine
+    _ops.zo_axpby_([buf[:10], buf[10:]], [1], [0, 1], [1.0, 1.0], [0.0, 0.0])
+
+
+def test_meta_tensor_in_a_list_refused(device):
+    """One meta tensor sends the whole call to the meta kernel, which would update nothing."""
+    params = _good(device, 2) + [torch.zeros(5, device="meta")]
+    before = [p.clone() for p in params[:2]]
+    with pytest.raises(RuntimeError, match=r"params\[2\] is on meta but params\[0\] is on"):
+        _ops.zo_axpby_(params, [1], [0, 1, 2], [1.0] * 3, [0.0] * 3)
+    with pytest.raises(RuntimeError, match=r"params\[2\] is on meta"):
+        _ops.zo_undo_axpby_(params, 1, [0.1] * 3, [], [0, 1, 2], [], [0.0] * 3)
+    assert_unchanged(params[:2], before)
+    # all on meta: fine (shape propagation)
+    _ops.zo_axpby_([torch.zeros(3, device="meta")] * 1, [1], [0], [1.0], [0.0])

@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <vector>
 
 #include "adamw_math.h"
 #include "check.h"
@@ -46,10 +47,11 @@ inline void check_dtype(const at::Tensor& t, const char* op, const char* arg, si
               " but must be ", want, " (", why, ")");
 }
 
-inline void check_distinct(const at::Tensor& a, const char* a_arg, const at::Tensor& b,
-                           const char* b_arg, const char* op, size_t k) {
-  FTOPS_CHECK(a.numel() == 0 || a.data_ptr() != b.data_ptr(), op, ": ", a_arg, "[", k, "] and ",
-              b_arg, "[", k, "] share memory; they must be distinct tensors");
+// The tensors of the lists as check_no_overlap's arguments (in argument order, so an error names
+// the earlier argument first).
+inline void add_mem_args(std::vector<MemArg>& mem, at::TensorList list, const char* name,
+                         bool written) {
+  for (size_t k = 0; k < list.size(); ++k) mem.push_back({&list[k], name, k, written});
 }
 
 inline void check_hyper(const char* op, double beta1, double beta2, double eps, int64_t step) {
@@ -105,8 +107,15 @@ inline void check_adamw_args(at::TensorList params, at::TensorList grads, at::Te
                                         : "moments are float32 unless params are float64";
     check_dtype(exp_avgs[k], op, "exp_avgs", k, md, why);
     check_dtype(exp_avg_sqs[k], op, "exp_avg_sqs", k, md, why);
-    check_distinct(exp_avgs[k], "exp_avgs", exp_avg_sqs[k], "exp_avg_sqs", op, k);
   }
+  // a parameter that is also its own gradient or moment (or another's), a tensor listed twice
+  std::vector<MemArg> mem;
+  mem.reserve(4 * K);
+  add_mem_args(mem, params, "params", true);
+  add_mem_args(mem, grads, "grads", false);
+  add_mem_args(mem, exp_avgs, "exp_avgs", true);
+  add_mem_args(mem, exp_avg_sqs, "exp_avg_sqs", true);
+  check_no_overlap(op, mem);
 }
 
 // grads[k] (float32/float64/float16/bfloat16); exp_avgs[k], exp_avg_sqs[k] in
@@ -147,10 +156,14 @@ inline void check_adam_direction_args(at::TensorList grads, at::TensorList exp_a
     FTOPS_CHECK(out[k].scalar_type() == g.scalar_type() || out[k].scalar_type() == md, op,
                 ": out[", k, "] has dtype ", out[k].scalar_type(), " but must be ",
                 g.scalar_type(), " (the dtype of grads[k]) or ", md, " (the moment dtype)");
-    check_distinct(exp_avgs[k], "exp_avgs", exp_avg_sqs[k], "exp_avg_sqs", op, k);
-    check_distinct(out[k], "out", exp_avgs[k], "exp_avgs", op, k);
-    check_distinct(out[k], "out", exp_avg_sqs[k], "exp_avg_sqs", op, k);
   }
+  std::vector<MemArg> mem;
+  mem.reserve(4 * K);
+  add_mem_args(mem, grads, "grads", false);
+  add_mem_args(mem, exp_avgs, "exp_avgs", true);
+  add_mem_args(mem, exp_avg_sqs, "exp_avg_sqs", true);
+  add_mem_args(mem, out, "out", true);
+  check_no_overlap(op, mem);
 }
 
 // Host-side coefficients, computed in double (as torch.optim does in Python) and rounded once.

@@ -22,11 +22,17 @@
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
 
+#include <ATen/core/Tensor.h>
+
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 #include <string_view>
 #include <type_traits>
+#include <vector>
 
 namespace ftops {
 namespace check_detail {
@@ -112,3 +118,73 @@ template <typename... Args>
                                         static_cast<uint32_t>(__LINE__), __VA_ARGS__); \
     }                                                                                \
   } while (0)
+
+namespace ftops {
+
+// Every coeffs[i] finite: a NaN or infinite coefficient would write NaN into every element it
+// touches. Names the list and the first bad entry.
+inline void check_finite(const char* op, const char* arg, c10::ArrayRef<double> values) {
+  for (size_t i = 0; i < values.size(); ++i) {
+    FTOPS_CHECK(std::isfinite(values[i]), op, ": ", arg, "[", i, "] must be finite, got ",
+                values[i]);
+  }
+}
+
+// One tensor argument of an op, for check_no_overlap: which list and index it is, and whether the
+// op writes it.
+struct MemArg {
+  const at::Tensor* t;
+  const char* list;
+  size_t k;
+  bool written;
+};
+
+// Refuses two arguments whose memory overlaps when the op writes at least one of them: an in-place
+// op whose output is also another of its arguments (a parameter passed as its own moment or
+// gradient, a tensor listed twice, a view into another argument) silently computes something
+// else. Compares the byte ranges the tensors span, so disjoint views of one buffer are fine and a
+// partial overlap is caught, whatever the storage objects. Zero-size tensors own no memory.
+// One sort and one sweep: O(n log n) for n tensors. `args` holds defined strided tensors of one
+// device (checked before).
+inline void check_no_overlap(const char* op, const std::vector<MemArg>& args) {
+  struct Range {
+    uintptr_t begin, end;
+    size_t arg;
+  };
+  std::vector<Range> ranges;
+  ranges.reserve(args.size());
+  for (size_t i = 0; i < args.size(); ++i) {
+    const at::Tensor& t = *args[i].t;
+    if (t.numel() == 0) continue;
+    int64_t last = 0;  // offset of the last element, in elements (non-negative strides)
+    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * std::abs(t.stride(d));
+    const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
+    ranges.push_back({begin, begin + static_cast<uintptr_t>((last + 1) * t.element_size()), i});
+  }
+  std::sort(ranges.begin(), ranges.end(),
+            [](const Range& a, const Range& b) { return a.begin < b.begin; });
+  // Sweep: every earlier range that reaches past this one's start overlaps it; keep the one that
+  // reaches furthest, over all ranges and over written ones.
+  const Range* far_all = nullptr;
+  const Range* far_written = nullptr;
+  for (const Range& r : ranges) {
+    const Range* hit = nullptr;
+    if (far_written != nullptr && far_written->end > r.begin) {
+      hit = far_written;
+    } else if (args[r.arg].written && far_all != nullptr && far_all->end > r.begin) {
+      hit = far_all;
+    }
+    if (hit != nullptr) {
+      const MemArg& a = args[std::min(hit->arg, r.arg)];
+      const MemArg& b = args[std::max(hit->arg, r.arg)];
+      FTOPS_CHECK(false, op, ": ", a.list, "[", a.k, "] and ", b.list, "[", b.k,
+                  "] share memory; a tensor this op writes must not overlap any other argument");
+    }
+    if (far_all == nullptr || r.end > far_all->end) far_all = &r;
+    if (args[r.arg].written && (far_written == nullptr || r.end > far_written->end)) {
+      far_written = &r;
+    }
+  }
+}
+
+}  // namespace ftops

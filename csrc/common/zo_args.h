@@ -32,6 +32,23 @@ inline void check_param(const at::Tensor& p, const char* op, const char* arg, si
               "] must be contiguous (got strides ", p.strides(), ")");
 }
 
+// Every params[k] a valid tensor on one device, with an id in range, and no two of them
+// overlapping in memory (each would get the other's noise as well).
+inline void check_params(at::TensorList params, at::IntArrayRef ids, const char* op,
+                         c10::DeviceType device_type) {
+  std::vector<MemArg> mem;
+  mem.reserve(params.size());
+  for (size_t k = 0; k < params.size(); ++k) {
+    check_param(params[k], op, "params", k, device_type);
+    FTOPS_CHECK(params[k].device() == params[0].device(), op, ": params[", k, "] is on ",
+                params[k].device(), " but params[0] is on ", params[0].device());
+    FTOPS_CHECK(ids[k] >= 0 && ids[k] <= static_cast<int64_t>(UINT32_MAX), op, ": ids[", k,
+                "] = ", ids[k], " is outside [0, 2^32)");
+    mem.push_back({&params[k], "params", k, true});
+  }
+  check_no_overlap(op, mem);
+}
+
 // Element offsets: params[k] holds elements [offsets[k], offsets[k] + numel) of a larger
 // (sharded) tensor; empty means all 0. Kept below 2^62 so offset + numel cannot overflow.
 constexpr int64_t kMaxOffset = int64_t(1) << 62;
@@ -67,13 +84,9 @@ inline void check_zo_axpby_args(at::TensorList params, at::IntArrayRef seeds, at
   FTOPS_CHECK(coeffs.size() == seeds.size() * K, op, ": coeffs must have len(seeds) * len(params) = ",
               seeds.size() * K, " entries, got ", coeffs.size());
   check_offsets(params, offsets, op);
-  for (size_t k = 0; k < K; ++k) {
-    check_param(params[k], op, "params", k, device_type);
-    FTOPS_CHECK(params[k].device() == params[0].device(), op, ": params[", k, "] is on ",
-                params[k].device(), " but params[0] is on ", params[0].device());
-    FTOPS_CHECK(ids[k] >= 0 && ids[k] <= static_cast<int64_t>(UINT32_MAX), op, ": ids[", k,
-                "] = ", ids[k], " is outside [0, 2^32)");
-  }
+  check_finite(op, "coeffs", coeffs);
+  check_finite(op, "decay", decay);
+  check_params(params, ids, op, device_type);
 }
 
 // zo_undo_axpby_: params[k] = apply(undo(params[k], undo_coeffs[k] * z(undo_seed, ids[k])))
@@ -95,13 +108,10 @@ inline void check_zo_undo_axpby_args(at::TensorList params, at::ArrayRef<double>
               ": coeffs must have len(seeds) * len(params) = ", seeds.size() * K,
               " entries, got ", coeffs.size());
   check_offsets(params, offsets, op);
-  for (size_t k = 0; k < K; ++k) {
-    check_param(params[k], op, "params", k, device_type);
-    FTOPS_CHECK(params[k].device() == params[0].device(), op, ": params[", k, "] is on ",
-                params[k].device(), " but params[0] is on ", params[0].device());
-    FTOPS_CHECK(ids[k] >= 0 && ids[k] <= static_cast<int64_t>(UINT32_MAX), op, ": ids[", k,
-                "] = ", ids[k], " is outside [0, 2^32)");
-  }
+  check_finite(op, "undo_coeffs", undo_coeffs);
+  check_finite(op, "coeffs", coeffs);
+  check_finite(op, "decay", decay);
+  check_params(params, ids, op, device_type);
 }
 
 }  // namespace ftops
