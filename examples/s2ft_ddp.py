@@ -16,7 +16,8 @@ from tiny_model import TinyLM, batches, lm_loss, no_buffer_sync, run
 
 def main(rank, world, device):
     model = TinyLM().to(device)
-    s2ft.apply(model, s2ft.select(model, heads=0.25, channels=0.05, seed=0))  # same seed: same selection
+    # the paper's kinds (output and down columns); the same seed on every rank: one selection
+    s2ft.apply(model, s2ft.select(model, o_ratio=0.25, d_ratio=0.05, seed=0))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ddp = DDP(model, **no_buffer_sync())  # forward_sync_buffers=False (broadcast_buffers before 2.14)
     for step, tokens in enumerate(batches(model, 12, rank)):

@@ -1,36 +1,41 @@
 """S²FT: structured sparse fine-tuning (Yang et al. 2024) with co-permutation and partial backprop.
 
-S²FT trains a few attention heads and feed-forward channels of a transformer and freezes the rest:
+S²FT trains a few attention heads and feed-forward channels of a transformer and freezes the rest.
+Four independent choices, as in the reference code (Infini-AI-Lab/S2FT), each a ratio of all
+units of all blocks together:
 
-* attention: for each selected head, the rows of the value projection that produce it and the
-  columns of the output projection that read it;
-* feed-forward: for each selected channel, the row of the up projection that produces it and the
-  column of the down projection that reads it.
+* ``o_ratio``: heads whose **output-projection columns** train (the columns that read the head);
+* ``d_ratio``: feed-forward channels whose **down-projection columns** train;
+* ``v_ratio``: heads whose **value-projection rows** train (the rows that produce the head);
+* ``u_ratio``: channels whose **up-projection rows** train.
 
-:func:`apply` co-permutes every block so that the selected units come first (the same order on
-the query/key/value rows of a head and the output-projection columns that read it; on the
-gate/up rows of a channel and the down-projection columns that read it). Permuting heads or
-channels consistently does not change what the model computes, and it makes every trainable part
-one contiguous slice: the first rows of a row-trained weight, the first columns of a
-column-trained one.
+The default is the paper's setting, the ratios of the released LLaMA-2-7B scripts: ``o_ratio``
+0.052, ``d_ratio`` 0.02, ``v_ratio`` = ``u_ratio`` = 0 (:data:`PAPER_RATIOS`).
 
-The trainable slices are ordinary ``nn.Parameter`` objects that share storage with the frozen
-weights, so any torch optimizer updates the weights in place, its state is sized to the slices,
-and gradient accumulation is plain autograd accumulation. The row-trained projections (value,
-up / BERT intermediate) compute only the selected rows' weight gradient; the column-trained ones
-(attention output, down / BERT output) save only the selected input columns for backward and
-compute only that slice's gradient; every other projection is a frozen ``nn.Linear`` and
-computes no weight gradient. No full-size weight gradient is ever formed.
+:func:`apply` co-permutes every block with selected units: the same order on the query/key/value
+rows of a head and the output-projection columns that read it, and on the gate/up rows of a
+channel and the down-projection columns that read it. That leaves the function unchanged and puts
+the units of each block in the order "value only, value and output, output only, the rest"
+(likewise "up only, both, down only, the rest"), so every trainable part is one contiguous slice.
+
+The trainable slices are ordinary ``nn.Parameter`` objects, so any torch optimizer trains them,
+its state is sized to the slices, and gradient accumulation is plain autograd accumulation. With
+float32/float64 weights a slice is a view of the frozen weight (the optimizer updates the weight
+in place, no copy). With float16/bfloat16 weights a slice is a float32 master copy, as the
+reference's mixed-precision training keeps; it is written into the half-precision weight at every
+forward (and by ``state_dict`` and :func:`merge`), so small updates accumulate instead of
+rounding away. The column-trained projections save only the selected input columns
+for backward; the row-trained ones compute only the selected rows' weight gradient; every other
+projection is a frozen ``nn.Linear``. No full-size weight gradient is ever formed.
 
 Grouped-query attention: the unit of selection is a key/value head together with the query heads
 that share it (for ordinary multi-head attention, one head). Only whole groups can be made
-contiguous by a permutation that keeps the function: query head ``h`` reads key/value head
-``h // (num_heads // num_kv_heads)``. A ``heads`` ratio is therefore the fraction of key/value
-heads, which equals the fraction of query heads.
+contiguous by a permutation that keeps the function (query head ``h`` reads key/value head
+``h // (num_heads // num_kv_heads)``), so a head ratio is a fraction of key/value heads.
 
 Typical use::
 
-    sel = ftops.s2ft.select(model, heads=0.05, channels=0.02, seed=0)
+    sel = ftops.s2ft.select(model, seed=0)             # the paper's ratios; or o_ratio=..., ...
     ftops.s2ft.apply(model, sel)                       # in place; returns model
     opt = torch.optim.AdamW(p for p in model.parameters() if p.requires_grad)
     ...train...
@@ -44,12 +49,16 @@ Supported blocks, found automatically: Llama-style attention (``q_proj``, ``k_pr
 (``gate_proj``, ``up_proj``, ``down_proj``), which covers Llama, Mistral, Qwen2/3 and similar
 transformers models; BERT-style attention (``self.query/key/value`` + ``output.dense``) and
 feed-forward blocks (``intermediate.dense`` + ``output.dense``), with biases.
+
+docs/s2ft.md describes the design and every difference from the reference code.
 """
 from __future__ import annotations
 
 import abc
 import math
 import numbers
+import random
+from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
@@ -57,12 +66,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _checks
+
 try:
     from torch.distributed.tensor import DTensor
 except ImportError:  # a torch built without distributed
     DTensor = ()
 
 __all__ = [
+    "PAPER_RATIOS",
     "Selection",
     "RowSliceLinear",
     "ColumnSliceLinear",
@@ -75,12 +87,17 @@ __all__ = [
 ]
 
 ADAPTER_FORMAT = "ftops.s2ft"
-ADAPTER_VERSION = 1
+ADAPTER_VERSION = 2
 STRATEGIES = ("random", "weight_norm")
+#: The released scripts' ratios for LLaMA-2-7B (Infini-AI-Lab/S2FT,
+#: experiments/train_script/finetune_commensense_llama2_s2.sh and finetune_math_llama2_s2.sh:
+#: ``--v_ratio 0.0 --o_ratio 0.052 --u_ratio 0.0 --d_ratio 0.02``); :func:`select`'s defaults.
+PAPER_RATIOS = {"v_ratio": 0.0, "o_ratio": 0.052, "u_ratio": 0.0, "d_ratio": 0.02}
 _STATE_ATTR = "_ftops_s2ft"
-# Independent random streams for heads and channels, so that one ratio does not change the
-# other's draw.
-_CHANNEL_STREAM = 0x5BD1E995
+_HALF = (torch.float16, torch.bfloat16)
+# (Selection field, ratio argument, unit kind), in the reference's drawing order.
+_KINDS = (("v_heads", "v_ratio", "head"), ("o_heads", "o_ratio", "head"),
+          ("u_channels", "u_ratio", "channel"), ("d_channels", "d_ratio", "channel"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -214,17 +231,18 @@ def _find_blocks(model: nn.Module) -> tuple[tuple[_AttnBlock, ...], tuple[_MlpBl
     return tuple(attn), tuple(mlp)
 
 
-def _require_blocks(model: nn.Module):
+def _require_blocks(where: str, model: Any):
+    """The model's blocks, after checking it is a module S²FT can be applied to."""
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        raise TypeError(f"{where}: model must be a torch.nn.Module, got {type(model).__name__}")
     if getattr(model, _STATE_ATTR, None) is not None:
-        raise ValueError("model: S²FT is already applied to this model; call "
-                         "ftops.s2ft.merge(model) or ftops.s2ft.unload(model) first")
+        raise ValueError(f"{where}: model already has S²FT applied; call ftops.s2ft.merge(model) "
+                         "or ftops.s2ft.unload(model) first")
     attn, mlp = _find_blocks(model)
     if not attn and not mlp:
         raise ValueError(
-            f"model: no attention or feed-forward blocks that S²FT recognises in "
-            f"{type(model).__name__}. Supported: Llama-style blocks (q_proj/k_proj/v_proj/o_proj "
+            f"{where}: model ({type(model).__name__}) has no attention or feed-forward blocks "
+            "that S²FT recognises. Supported: Llama-style blocks (q_proj/k_proj/v_proj/o_proj "
             "with head_dim; gate_proj/up_proj/down_proj) and BERT-style blocks "
             "(attention.self.query/key/value + attention.output.dense; intermediate.dense + "
             "output.dense), all as torch.nn.Linear"
@@ -238,105 +256,245 @@ def _require_blocks(model: nn.Module):
 
 @dataclass(frozen=True)
 class Selection:
-    """Which attention heads and feed-forward channels S²FT trains.
+    """Which units S²FT trains, per projection.
 
-    ``heads`` maps the path of an attention module to the sorted indices of its selected
-    key/value heads (each with the query heads that share it); ``channels`` maps the path of a
-    feed-forward module to its sorted selected channel indices. Modules with nothing selected are
-    absent. ``head_counts`` / ``channel_counts`` give the number of units of every recognised
-    module (used to check that a selection fits a model). Indices refer to the model's original
-    (unpermuted) order. ``strategy`` and ``seed`` record how it was made.
+    ``v_heads`` / ``o_heads`` map the path of an attention module to the sorted indices of the
+    key/value heads (each with the query heads that share it) whose value rows / output-projection
+    columns train; ``u_channels`` / ``d_channels`` map the path of a feed-forward module to the
+    sorted channels whose up rows / down columns train. Modules with nothing selected are absent.
+    ``head_counts`` / ``channel_counts`` give the number of units of every recognised module (to
+    check that a selection fits a model). Indices refer to the model's original (unpermuted)
+    order. ``strategy`` and ``seed`` record how it was made.
     """
 
-    heads: Mapping[str, tuple[int, ...]]
-    channels: Mapping[str, tuple[int, ...]]
+    v_heads: Mapping[str, tuple[int, ...]]
+    o_heads: Mapping[str, tuple[int, ...]]
+    u_channels: Mapping[str, tuple[int, ...]]
+    d_channels: Mapping[str, tuple[int, ...]]
     head_counts: Mapping[str, int]
     channel_counts: Mapping[str, int]
     strategy: str = "random"
     seed: int | None = 0
 
     @property
-    def num_heads(self) -> int:
-        """Number of selected key/value heads over all blocks."""
-        return sum(len(v) for v in self.heads.values())
+    def num_v_heads(self) -> int:
+        """Selected heads whose value rows train, over all blocks."""
+        return sum(len(v) for v in self.v_heads.values())
 
     @property
-    def num_channels(self) -> int:
-        """Number of selected feed-forward channels over all blocks."""
-        return sum(len(v) for v in self.channels.values())
+    def num_o_heads(self) -> int:
+        """Selected heads whose output-projection columns train, over all blocks."""
+        return sum(len(v) for v in self.o_heads.values())
+
+    @property
+    def num_u_channels(self) -> int:
+        """Selected channels whose up-projection rows train, over all blocks."""
+        return sum(len(v) for v in self.u_channels.values())
+
+    @property
+    def num_d_channels(self) -> int:
+        """Selected channels whose down-projection columns train, over all blocks."""
+        return sum(len(v) for v in self.d_channels.values())
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict (str, int, list) that ``torch.load(weights_only=True)`` and JSON accept."""
-        return {
-            "heads": {k: list(v) for k, v in self.heads.items()},
-            "channels": {k: list(v) for k, v in self.channels.items()},
-            "head_counts": dict(self.head_counts),
-            "channel_counts": dict(self.channel_counts),
-            "strategy": self.strategy,
-            "seed": self.seed,
-        }
+        out: dict[str, Any] = {f: {k: list(v) for k, v in getattr(self, f).items()}
+                               for f, _, _ in _KINDS}
+        out.update(head_counts=dict(self.head_counts), channel_counts=dict(self.channel_counts),
+                   strategy=self.strategy, seed=self.seed)
+        return out
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Selection":
-        """The inverse of :meth:`to_dict`."""
+        """The inverse of :meth:`to_dict`, with every field checked.
+
+        Also reads the form of ftops' first adapter version (``heads`` / ``channels``, where a
+        selected head trained both its value rows and output columns, and a channel its up row
+        and down column), which maps exactly onto ``v_heads = o_heads`` and ``u_channels =
+        d_channels``.
+        """
+        where = "ftops.s2ft.Selection.from_dict"
         if not isinstance(d, Mapping):
-            raise TypeError(f"selection: expected a dict, got {type(d).__name__}")
-        missing = {"heads", "channels", "head_counts", "channel_counts"} - set(d)
+            raise TypeError(f"{where}: selection must be a dict, got {type(d).__name__}")
+        if "heads" in d and "v_heads" not in d:  # the first adapter version
+            d = {**d, "v_heads": d["heads"], "o_heads": d["heads"],
+                 "u_channels": d.get("channels"), "d_channels": d.get("channels")}
+        missing = {f for f, _, _ in _KINDS} | {"head_counts", "channel_counts"}
+        missing -= set(d)
         if missing:
-            raise ValueError(f"selection: missing keys {sorted(missing)}")
-        return cls(
-            heads={str(k): tuple(int(i) for i in v) for k, v in d["heads"].items()},
-            channels={str(k): tuple(int(i) for i in v) for k, v in d["channels"].items()},
-            head_counts={str(k): int(v) for k, v in d["head_counts"].items()},
-            channel_counts={str(k): int(v) for k, v in d["channel_counts"].items()},
-            strategy=str(d.get("strategy", "random")),
-            seed=None if d.get("seed") is None else int(d["seed"]),
-        )
+            raise ValueError(f"{where}: selection is missing keys {sorted(missing)}")
+        units = {f: _units_map(where, f, d[f]) for f, _, _ in _KINDS}
+        strategy = d.get("strategy", "random")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"{where}: selection['strategy'] must be one of {STRATEGIES}, "
+                             f"got {strategy!r}")
+        seed = d.get("seed")
+        if seed is not None:
+            seed = _checks.integer(where, "selection['seed']", seed, low=0)
+        return cls(**units, head_counts=_counts_map(where, "head_counts", d["head_counts"]),
+                   channel_counts=_counts_map(where, "channel_counts", d["channel_counts"]),
+                   strategy=strategy, seed=seed)
 
 
-def _check_ratio(name: str, value) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name}: expected a float in (0, 1] or None, got {type(value).__name__}")
-    value = float(value)
-    if not (0.0 < value <= 1.0):  # also rejects nan
-        raise ValueError(f"{name}: must be in (0, 1] (or None to train none), got {value}")
-    return value
+def _int_list(where: str, name: str, value: Any) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)):
+        raise TypeError(f"{where}: {name} must be a list of ints, got {type(value).__name__}")
+    for i in value:
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral):
+            raise TypeError(f"{where}: {name} must be a list of ints, got an element "
+                            f"{i!r} ({type(i).__name__})")
+    return tuple(int(i) for i in value)
 
 
-def _count(name: str, ratio: float, total: int, what: str) -> int:
-    n = int(math.floor(ratio * total + 0.5))
+def _units_map(where: str, name: str, value: Any) -> dict[str, tuple[int, ...]]:
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{where}: selection[{name!r}] must be a dict (module path -> list of "
+                        f"indices), got {type(value).__name__}")
+    out = {}
+    for k, v in value.items():
+        if not isinstance(k, str):
+            raise TypeError(f"{where}: selection[{name!r}] keys must be module paths (str), "
+                            f"got {k!r}")
+        out[k] = _int_list(where, f"selection[{name!r}][{k!r}]", v)
+    return out
+
+
+def _counts_map(where: str, name: str, value: Any) -> dict[str, int]:
+    if not isinstance(value, Mapping):
+        raise TypeError(f"{where}: selection[{name!r}] must be a dict (module path -> count), "
+                        f"got {type(value).__name__}")
+    out = {}
+    for k, v in value.items():
+        if not isinstance(k, str):
+            raise TypeError(f"{where}: selection[{name!r}] keys must be module paths (str), "
+                            f"got {k!r}")
+        out[k] = _checks.integer(where, f"selection[{name!r}][{k!r}]", v, low=1)
+    return out
+
+
+def _count(where: str, name: str, ratio: float, total: int, what: str) -> int:
+    """``floor(ratio * total)`` as the reference counts, reading a product within 1e-9 below an
+    integer as that integer (0.29 * 100 is 28.999999999999996 in floating point)."""
+    x = ratio * total
+    n = math.floor(x)
+    if x - n > 1.0 - 1e-9:
+        n += 1
     if n == 0:
-        raise ValueError(
-            f"{name}={ratio} selects none of the model's {total} {what}; use at least "
-            f"{1.0 / total:.3g} (one unit), or {name}=None to train no {what}"
-        )
+        hint = f"use at least {1.0 / total:.3g} for one unit, or 0" if total else "set it to 0"
+        raise ValueError(f"{where}: {name}={ratio} selects none of the model's {total} {what} "
+                         f"(the count is floor({name} * {total})); {hint} to train none")
     return n
 
 
-def _head_scores(model: nn.Module, a: _AttnBlock) -> torch.Tensor:
-    v = model.get_submodule(a.v).weight.detach().double()
-    o = model.get_submodule(a.o).weight.detach().double()
-    nv = v.reshape(a.num_kv_heads, -1).norm(dim=1)
-    no = o.reshape(o.shape[0], a.num_kv_heads, -1).norm(dim=(0, 2))
-    return (nv * no).cpu()
+def _norms(model: nn.Module, name: str, dims, shape=None) -> torch.Tensor:
+    w = model.get_submodule(name).weight.detach()
+    if w.is_meta:
+        raise ValueError("ftops.s2ft.select: strategy='weight_norm' needs the weights, but "
+                         f"model.{name} is on the meta device (load the weights first, or use "
+                         "strategy='random')")
+    w = w.double()
+    if shape is not None:
+        w = w.reshape(shape(w))
+    return w.norm(dim=dims).cpu()
 
 
-def _channel_scores(model: nn.Module, f: _MlpBlock) -> torch.Tensor:
-    up = model.get_submodule(f.up).weight.detach().double()
-    down = model.get_submodule(f.down).weight.detach().double()
-    return (up.norm(dim=1) * down.norm(dim=0)).cpu()
+def _unit_scores(model: nn.Module, field: str, block) -> torch.Tensor:
+    """weight_norm: the Frobenius norm of what each unit would train, in ``field``'s projection."""
+    if field == "v_heads":
+        return _norms(model, block.v, 1, lambda w: (block.num_kv_heads, -1))
+    if field == "o_heads":
+        return _norms(model, block.o, (0, 2), lambda w: (w.shape[0], block.num_kv_heads, -1))
+    if field == "u_channels":
+        return _norms(model, block.up, 1)
+    return _norms(model, block.down, 0)
 
 
-def _pick(blocks, sizes, n, strategy, generator, scores_fn) -> dict[str, tuple[int, ...]]:
-    total = sum(sizes)
-    if strategy == "random":
-        flat = torch.randperm(total, generator=generator)[:n]
-    else:
-        scores = torch.cat([scores_fn(b) for b in blocks])
-        flat = torch.sort(scores, descending=True, stable=True).indices[:n]
-    flat = torch.sort(flat).values.tolist()
+def select(
+    model: nn.Module,
+    *,
+    v_ratio: float = PAPER_RATIOS["v_ratio"],
+    o_ratio: float = PAPER_RATIOS["o_ratio"],
+    u_ratio: float = PAPER_RATIOS["u_ratio"],
+    d_ratio: float = PAPER_RATIOS["d_ratio"],
+    strategy: str = "random",
+    seed: int = 0,
+    **unexpected: Any,
+) -> Selection:
+    """Choose the units to train, for each of the four projections independently, over all blocks.
+
+    Args:
+        model: a plain (not yet S²FT-applied) transformers-style model; see the module docstring
+            for the blocks that are recognised.
+        v_ratio: fraction in [0, 1] of all heads (key/value heads: see the module docstring) of
+            all attention blocks whose value-projection rows train; 0 trains none.
+        o_ratio: the same for output-projection columns (default 0.052, the paper's).
+        u_ratio: fraction in [0, 1] of all feed-forward channels of all blocks whose
+            up-projection (BERT: intermediate) rows train.
+        d_ratio: the same for down-projection (BERT: output) columns (default 0.02, the paper's).
+            Each count is ``floor(ratio * total)`` as in the reference; a ratio above 0 must
+            select at least one unit.
+        strategy: ``"random"``: uniformly at random without replacement over all blocks, drawn as
+            the reference draws (Python's ``random.Random(seed).sample`` over the flattened units,
+            in the order v, o, u, d), so a multi-head-attention model gets the units of the
+            reference's ``finetune.py --seed seed`` (where nothing used Python's ``random``
+            before its draw). ``"weight_norm"``: data-free and
+            deterministic: per projection, the units whose trainable part has the largest
+            Frobenius norm, over all blocks.
+        seed: non-negative integer for ``"random"``.
+
+    Returns:
+        a :class:`Selection` (indices in the model's original order). Nothing is changed.
+    """
+    where = "ftops.s2ft.select"
+    if unexpected:
+        raise TypeError(
+            f"{where}: unexpected arguments {sorted(unexpected)}; the units are chosen per "
+            "projection with v_ratio, o_ratio, u_ratio, d_ratio (a former heads=h, channels=c "
+            "is v_ratio=o_ratio=h, u_ratio=d_ratio=c with independent draws)")
+    ratios = {"v_ratio": v_ratio, "o_ratio": o_ratio, "u_ratio": u_ratio, "d_ratio": d_ratio}
+    ratios = {k: _checks.real(where, k, v, low=0.0, high=1.0) for k, v in ratios.items()}
+    if not isinstance(strategy, str) or strategy not in STRATEGIES:
+        raise ValueError(f"{where}: strategy must be one of {STRATEGIES}, got {strategy!r}")
+    seed = _checks.integer(where, "seed", seed, low=0)
+    if not any(ratios.values()):
+        raise ValueError(f"{where}: v_ratio, o_ratio, u_ratio and d_ratio are all 0, so nothing "
+                         "would train")
+    attn, mlp = _require_blocks(where, model)
+    rng = random.Random(seed)
+    chosen: dict[str, dict[str, tuple[int, ...]]] = {}
+    for field, ratio_name, kind in _KINDS:
+        ratio = ratios[ratio_name]
+        blocks = attn if kind == "head" else mlp
+        sizes = [b.num_kv_heads if kind == "head" else b.channels for b in blocks]
+        if ratio == 0.0:  # the reference draws none (random.sample(..., 0) uses no randomness)
+            chosen[field] = {}
+            continue
+        if not blocks:
+            raise ValueError(f"{where}: {ratio_name}={ratio} but the model has no "
+                             f"{'attention' if kind == 'head' else 'feed-forward'} blocks that "
+                             f"S²FT recognises (set {ratio_name}=0)")
+        what = ("attention (key/value) heads" if kind == "head" else "feed-forward channels")
+        n = _count(where, ratio_name, ratio, sum(sizes), what)
+        if strategy == "random":
+            flat = rng.sample(range(sum(sizes)), n)
+        else:
+            scores = torch.cat([_unit_scores(model, field, b) for b in blocks])
+            if not torch.isfinite(scores).all():
+                raise ValueError(f"{where}: strategy='weight_norm' met non-finite weights in the "
+                                 f"projections scored for {ratio_name}")
+            flat = torch.sort(scores, descending=True, stable=True).indices[:n].tolist()
+        chosen[field] = _split(sorted(flat), blocks, sizes)
+    return Selection(
+        **chosen,
+        head_counts={a.path: a.num_kv_heads for a in attn},
+        channel_counts={f.path: f.channels for f in mlp},
+        strategy=strategy,
+        seed=seed if strategy == "random" else None,
+    )
+
+
+def _split(flat: list[int], blocks, sizes) -> dict[str, tuple[int, ...]]:
+    """Sorted flat unit indices over all blocks -> block path -> sorted indices in the block."""
     out: dict[str, list[int]] = {}
     offsets = [0]
     for s in sizes:
@@ -349,96 +507,49 @@ def _pick(blocks, sizes, n, strategy, generator, scores_fn) -> dict[str, tuple[i
     return {k: tuple(v) for k, v in out.items()}
 
 
-def select(
-    model: nn.Module,
-    heads: float | None = 0.05,
-    channels: float | None = 0.02,
-    strategy: str = "random",
-    seed: int = 0,
-) -> Selection:
-    """Choose the attention heads and feed-forward channels to train, globally over all blocks.
-
-    Args:
-        model: a plain (not yet S²FT-applied) transformers-style model; see the module docstring
-            for the blocks that are recognised.
-        heads: fraction in (0, 1] of all key/value heads of all attention blocks to train
-            (rounded to the nearest count, which must be at least one), or None for none.
-            With grouped-query attention a key/value head comes with the query heads that share
-            it, so this is also the fraction of query heads.
-        channels: fraction in (0, 1] of all feed-forward channels of all blocks, or None.
-        strategy: ``"random"``: uniformly at random without replacement over all blocks together,
-            as in the paper (reproducible from ``seed``; heads and channels use independent
-            streams). ``"weight_norm"``: data-free and deterministic: the units whose trained
-            weights carry the most weight, scored by the product of Frobenius norms of the
-            weights the unit would train (value rows x output-projection columns for a head; up
-            row x down column for a channel), largest first, over all blocks together.
-        seed: non-negative integer for ``"random"``.
-
-    Returns:
-        a :class:`Selection` (indices in the model's original order).
-    """
-    heads = _check_ratio("heads", heads)
-    channels = _check_ratio("channels", channels)
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy: must be one of {STRATEGIES}, got {strategy!r}")
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"seed: must be a non-negative integer, got {seed!r}")
-    seed = int(seed)
-    if heads is None and channels is None:
-        raise ValueError("heads, channels: both are None, so the selection would be empty")
-    attn, mlp = _require_blocks(model)
-    head_sel: dict[str, tuple[int, ...]] = {}
-    chan_sel: dict[str, tuple[int, ...]] = {}
-    if heads is not None:
-        if not attn:
-            raise ValueError(f"heads={heads}: model has no attention blocks that S²FT "
-                             "recognises (pass heads=None to train only channels)")
-        sizes = [a.num_kv_heads for a in attn]
-        n = _count("heads", heads, sum(sizes), "attention (key/value) heads")
-        g = torch.Generator().manual_seed(seed)
-        head_sel = _pick(attn, sizes, n, strategy, g, lambda a: _head_scores(model, a))
-    if channels is not None:
-        if not mlp:
-            raise ValueError(f"channels={channels}: model has no feed-forward blocks that S²FT "
-                             "recognises (pass channels=None to train only heads)")
-        sizes = [f.channels for f in mlp]
-        n = _count("channels", channels, sum(sizes), "feed-forward channels")
-        g = torch.Generator().manual_seed(seed ^ _CHANNEL_STREAM)
-        chan_sel = _pick(mlp, sizes, n, strategy, g, lambda f: _channel_scores(model, f))
-    return Selection(
-        heads=head_sel,
-        channels=chan_sel,
-        head_counts={a.path: a.num_kv_heads for a in attn},
-        channel_counts={f.path: f.channels for f in mlp},
-        strategy=strategy,
-        seed=seed if strategy == "random" else None,
-    )
-
-
-def _check_selection(sel: Selection, attn, mlp) -> None:
+def _check_selection(where: str, sel: Any, attn, mlp) -> None:
     if not isinstance(sel, Selection):
-        raise TypeError(f"selection: expected ftops.s2ft.Selection, got {type(sel).__name__}")
-    if sel.num_heads == 0 and sel.num_channels == 0:
-        raise ValueError("selection: selects no heads and no channels; nothing would train")
-    for kind, chosen, counts, blocks, size in (
-        ("heads", sel.heads, sel.head_counts, attn, lambda a: a.num_kv_heads),
-        ("channels", sel.channels, sel.channel_counts, mlp, lambda f: f.channels),
+        hint = " (use ftops.s2ft.Selection.from_dict)" if isinstance(sel, Mapping) else ""
+        raise TypeError(f"{where}: selection must be an ftops.s2ft.Selection{hint}, got "
+                        f"{type(sel).__name__}")
+    for counts, blocks, size, kind in (
+        (sel.head_counts, attn, lambda a: a.num_kv_heads, "heads"),
+        (sel.channel_counts, mlp, lambda f: f.channels, "channels"),
     ):
         have = {b.path: size(b) for b in blocks}
-        if dict(counts) != have:
+        if not isinstance(counts, Mapping) or dict(counts) != have:
+            got = dict(counts) if isinstance(counts, Mapping) else counts
             raise ValueError(
-                f"selection: its {kind} were chosen for a different model structure "
-                f"(selection has {len(counts)} blocks {dict(list(counts.items())[:3])}..., "
-                f"model has {len(have)} blocks {dict(list(have.items())[:3])}...)"
+                f"{where}: selection was made for a different model structure (its {kind} per "
+                f"block: {_preview(got)}; the model's: {_preview(have)})"
             )
+    total = 0
+    for field, _, kind in _KINDS:
+        chosen = getattr(sel, field)
+        have = dict(sel.head_counts if kind == "head" else sel.channel_counts)
+        if not isinstance(chosen, Mapping):
+            raise TypeError(f"{where}: selection.{field} must be a dict, got "
+                            f"{type(chosen).__name__}")
         for path, idx in chosen.items():
             if path not in have:
-                raise ValueError(f"selection: {kind} for unknown module {path!r}")
+                raise ValueError(f"{where}: selection.{field} names {path!r}, which is not a "
+                                 f"recognised {'attention' if kind == 'head' else 'feed-forward'}"
+                                 " block of the model")
+            idx = _int_list(where, f"selection.{field}[{path!r}]", idx)
             if list(idx) != sorted(set(idx)) or (idx and not 0 <= idx[0] <= idx[-1] < have[path]):
-                raise ValueError(
-                    f"selection: {kind}[{path!r}] must be sorted, unique indices in "
-                    f"[0, {have[path]}), got {list(idx)}"
-                )
+                raise ValueError(f"{where}: selection.{field}[{path!r}] must be sorted, unique "
+                                 f"indices in [0, {have[path]}), got {list(idx)}")
+            total += len(idx)
+    if total == 0:
+        raise ValueError(f"{where}: selection selects no units; nothing would train")
+
+
+def _preview(d) -> str:
+    if not isinstance(d, Mapping):
+        return repr(d)
+    items = list(d.items())
+    return "{" + ", ".join(f"{k!r}: {v}" for k, v in items[:3]) + (", ..." if len(items) > 3
+                                                                   else "") + "}"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -446,13 +557,14 @@ def _check_selection(sel: Selection, attn, mlp) -> None:
 # --------------------------------------------------------------------------------------------------
 
 class _RowSliceFn(torch.autograd.Function):
-    """y = x W^T + b where only W[:n] (and b[:n]) receive gradients."""
+    """y = x W^T + b where only W[s:e] (and b[s:e]) receive gradients."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, weight_slice, bias_slice):
-        ctx.rows = weight_slice.shape[0]
+    def forward(ctx, x, weight, bias, weight_slice, bias_slice, start):
+        ctx.span = (start, start + weight_slice.shape[0])
         ctx.x_shape = x.shape
-        # The selected rows' gradient needs the whole input (dW[:n] = dY[:, :n]^T X); the input
+        ctx.grad_dtypes = (weight_slice.dtype, None if bias_slice is None else bias_slice.dtype)
+        # The selected rows' gradient needs the whole input (dW[s:e] = dY[:, s:e]^T X); the input
         # of v_proj/up_proj is the normalised hidden state that q/k/gate read as well.
         ctx.save_for_backward(x if ctx.needs_input_grad[3] else None, weight)
         return F.linear(x, weight, bias)
@@ -460,28 +572,30 @@ class _RowSliceFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight = ctx.saved_tensors
-        n = ctx.rows
+        s, e = ctx.span
         dy2 = dy.reshape(-1, dy.shape[-1])
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
             dx = torch.mm(dy2, weight.to(dy2.dtype)).view(*ctx.x_shape[:-1], weight.shape[1])
         if ctx.needs_input_grad[3]:
-            dw = torch.mm(dy2[:, :n].t(), x.reshape(-1, x.shape[-1]).to(dy2.dtype))
+            dw = torch.mm(dy2[:, s:e].t(), x.reshape(-1, x.shape[-1]).to(dy2.dtype))
+            dw = dw.to(ctx.grad_dtypes[0])
         if ctx.needs_input_grad[4]:
-            db = dy2[:, :n].sum(0)
-        return dx, None, None, dw, db
+            db = dy2[:, s:e].sum(0).to(ctx.grad_dtypes[1])
+        return dx, None, None, dw, db, None
 
 
 class _ColumnSliceFn(torch.autograd.Function):
-    """y = x Wt + b (Wt = W^T stored contiguously) where only Wt[:n] = W[:, :n]^T gets gradients."""
+    """y = x Wt + b (Wt = W^T stored contiguously); only Wt[s:e] = W[:, s:e]^T gets gradients."""
 
     @staticmethod
-    def forward(ctx, x, weight_t, bias, weight_slice):
-        n = weight_slice.shape[0]
+    def forward(ctx, x, weight_t, bias, weight_slice, start):
+        end = start + weight_slice.shape[0]
         ctx.x_shape = x.shape
+        ctx.grad_dtype = weight_slice.dtype
         # Only the selected input columns are needed for the slice's gradient: save a compact
         # copy of them, not x.
-        x_sel = x[..., :n].contiguous() if ctx.needs_input_grad[3] else None
+        x_sel = x[..., start:end].contiguous() if ctx.needs_input_grad[3] else None
         ctx.save_for_backward(x_sel, weight_t)
         return F.linear(x, weight_t.t(), bias)
 
@@ -491,162 +605,275 @@ class _ColumnSliceFn(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1])
         dx = dw = None
         if ctx.needs_input_grad[0]:
-            dx = torch.mm(dy2, weight_t.t().to(dy2.dtype)).view(*ctx.x_shape[:-1], weight_t.shape[0])
+            dx = torch.mm(dy2, weight_t.t().to(dy2.dtype)).view(*ctx.x_shape[:-1],
+                                                                 weight_t.shape[0])
         if ctx.needs_input_grad[3]:
             dw = torch.mm(x_sel.reshape(-1, x_sel.shape[-1]).t().to(dy2.dtype), dy2)
-        return dx, None, None, dw
+            dw = dw.to(ctx.grad_dtype)
+        return dx, None, None, dw, None
+
+
+def _is_view_of(p: torch.Tensor, view: torch.Tensor) -> bool:
+    if p.device != view.device or p.dtype != view.dtype or p.shape != view.shape:
+        return False
+    if p.is_meta:
+        return True  # nothing to keep in sync on the meta device
+    return p.data_ptr() == view.data_ptr() and p.stride() == view.stride()
+
+
+def _shares_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (not a.is_meta and a.device == b.device
+            and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr())
 
 
 class _SliceLinear(nn.Module, abc.ABC):
-    """Shared machinery: trainable slices that are views of frozen buffers."""
+    """Shared machinery: a frozen weight buffer whose slice ``[start, start + n)`` (rows of the
+    stored weight) is a trainable parameter.
+
+    The slice parameter holds the trained values: with float32/float64 weights it is a view of
+    the buffer, with float16/bfloat16 weights a float32 master copy that :meth:`_sync` writes
+    into the buffer (rounded) before every forward. Whatever replaces or converts tensors
+    (``Module.to``/``half``/``to_empty`` with any conversion mode, ``load_state_dict`` with
+    ``assign=True``, ``copy.deepcopy``, unpickling) goes through :meth:`_attach`, which restores
+    that layout from the slice parameter's values.
+    """
 
     in_features: int
     out_features: int
+    start: int
 
     @abc.abstractmethod
-    def _links(self) -> Iterator[tuple[str, torch.Tensor, int]]:
-        """(slice parameter name, buffer it views, leading rows or columns it covers) per slice."""
+    def _links(self) -> Iterator[tuple[str, str, torch.Tensor | None, int]]:
+        """(slice parameter name, base buffer name, frozen buffer it belongs to, slice length)."""
 
-    def _relink(self) -> None:
-        """Make every slice parameter a view of its buffer again.
-
-        ``Module.to``/``cuda``/``half`` convert parameters and buffers separately, and
-        ``copy.deepcopy``/pickling copy them separately, which would cut the storage sharing.
-        The slice parameter is authoritative for its part: its values are written into the
-        buffer and the parameter (same object, so optimizers keep it) becomes a view again.
-
-        A parameter object that this layer did not create is not re-pointed, only copied from:
-        FSDP2 (``fully_shard``) replaces the slice with a sharded DTensor between forwards and
-        registers its own unsharded parameter (storage it manages) for each forward, so the
-        gathered, current values reach the buffer at every forward and FSDP keeps its storage.
-        """
-        for pname, full, n in self._links():
-            p = getattr(self, pname)
-            if p is None:
+    def _init_slices(self, train_bias: bool) -> None:
+        for pname, base_name, full, n in self._links():
+            if full is None or (pname == "bias_slice" and not train_bias):
+                self.register_parameter(pname, None)
+                self.register_buffer(base_name, None)
                 continue
-            own = p is self._own_slices.get(pname)
-            if not own and isinstance(p, DTensor):
-                continue  # sharded between forwards: copied at the next forward
-            view = full.narrow(0, 0, n)
-            if (p.data_ptr() != view.data_ptr() or p.device != view.device
-                    or p.dtype != view.dtype or p.shape != view.shape):
-                with torch.no_grad():
+            view = full.narrow(0, self.start, n)
+            master = full.dtype in _HALF
+            self.register_parameter(pname, nn.Parameter(view.float() if master else view))
+            # The values at conversion: what export() subtracts and unload() restores. Persistent,
+            # so that a model converted on the meta device gets them from load_state_dict.
+            self.register_buffer(base_name, view.detach().clone())
+        self._base_known = True
+
+    def _attach(self, previous: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Give every slice parameter its layout again and write its values into the buffer.
+
+        ``previous``: the slice tensors from before a conversion; when the conversion made them
+        half precision, the master keeps the previous (higher precision) values instead.
+        """
+        for pname, _, full, n in self._links():
+            p = getattr(self, pname)
+            if p is None or full is None or isinstance(p, DTensor):
+                continue  # a DTensor is FSDP's sharded slice: it writes the gathered values back
+            view = full.narrow(0, self.start, n)
+            old = (previous or {}).get(pname)
+            use_old = (old is not None and not old.is_meta and p.dtype in _HALF
+                       and old.dtype not in _HALF)
+            src = old if use_old else p.detach()
+            with torch.no_grad():
+                if full.dtype in _HALF:
+                    if (use_old or p.dtype != torch.float32 or p.device != full.device
+                            or _shares_storage(p, full)):
+                        p.data = src.to(device=full.device, dtype=torch.float32, copy=True)
                     view.copy_(p.detach())
-                if own:
+                elif not _is_view_of(p, view):
+                    view.copy_(src)
                     p.data = view
+            if p.grad is not None and (p.grad.dtype != p.dtype or p.grad.device != p.device):
+                p.grad = p.grad.to(device=p.device, dtype=p.dtype)
+
+    def _sync(self) -> None:
+        """Write slice parameters that are not views of the buffer (float32 masters, or the
+        unsharded parameters FSDP2 puts in their place for a forward) into the buffer.
+
+        The write goes through ``.data`` so that it does not bump the buffer's version counter:
+        it writes the values the buffer already holds unless the slice changed, and a forward
+        whose backward is still pending (gradient accumulation over several forwards) keeps a
+        valid saved weight.
+        """
+        compiling = torch.compiler.is_compiling()
+        for pname, _, full, n in self._links():
+            p = getattr(self, pname)
+            if p is None or full is None:
+                continue
+            if compiling:
+                # The data-pointer checks would break the graph; views stay views under compile
+                # (only a conversion re-points them, outside the graph), masters are written.
+                if full.dtype in _HALF:
+                    with torch.no_grad():
+                        full.narrow(0, self.start, n).copy_(p)
+                continue
+            if isinstance(p, DTensor):
+                continue
+            view = full.narrow(0, self.start, n)
+            if not _is_view_of(p, view):
+                view.data.copy_(p.detach())
 
     def _apply(self, fn, recurse=True):
+        previous = {pname: getattr(self, pname).detach() for pname, _, _, _ in self._links()
+                    if isinstance(getattr(self, pname), torch.Tensor)
+                    and not isinstance(getattr(self, pname), DTensor)}
+        base_was_meta = any(b.is_meta for b in self._bases())
         super()._apply(fn, recurse)
-        self._relink()
+        self._attach(previous)
+        if base_was_meta and not any(b.is_meta for b in self._bases()):
+            self._base_known = False  # materialised (to_empty): load_state_dict must give them
         return self
 
     def __setstate__(self, state):  # copy.deepcopy and unpickling
         super().__setstate__(state)
-        self._relink()
+        self._attach()
 
-    def _check_links(self) -> None:
-        # The data-pointer checks of _relink would break a torch.compile graph; under compile rely
-        # on _apply and __setstate__ having relinked (only replacing a tensor by hand cuts the link).
-        if not torch.compiler.is_compiling():
-            self._relink()
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        self._sync()
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        if all(prefix + base_name in state_dict for _, base_name, full, _ in self._links()
+               if getattr(self, base_name) is not None):
+            self._base_known = True
+        self._attach()
+
+    def _bases(self) -> Iterator[torch.Tensor]:
+        for _, base_name, _, _ in self._links():
+            b = getattr(self, base_name)
+            if b is not None:
+                yield b
 
     def _slices_need_grad(self) -> bool:
         return torch.is_grad_enabled() and any(
             getattr(self, pname) is not None and getattr(self, pname).requires_grad
-            for pname, _, _ in self._links())
+            for pname, _, _, _ in self._links())
+
+    @torch.no_grad()
+    def _set_slices(self, deltas: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Slices := base (+ delta), then into the buffer."""
+        for pname, base_name, _, _ in self._links():
+            p = getattr(self, pname)
+            if p is None:
+                continue
+            v = getattr(self, base_name).to(p.dtype)
+            if deltas is not None:
+                v = v + deltas[pname].to(device=p.device, dtype=p.dtype)
+            p.copy_(v)
+        self._sync()
+
+    @torch.no_grad()
+    def _deltas(self) -> dict[str, torch.Tensor]:
+        """Slice parameter name -> current value minus base, float32 or finer."""
+        out = {}
+        for pname, base_name, _, _ in self._links():
+            p = getattr(self, pname)
+            if p is not None:
+                dtype = torch.promote_types(p.dtype, torch.float32)
+                out[pname] = p.detach().to(dtype) - getattr(self, base_name).to(dtype)
+        return out
+
+
+def _check_linear(where: str, linear: Any) -> nn.Linear:
+    if not isinstance(linear, nn.Linear):
+        raise TypeError(f"{where}: linear must be a torch.nn.Linear, got {type(linear).__name__}")
+    if not linear.weight.is_floating_point():
+        raise TypeError(f"{where}: linear.weight must be floating point, got {linear.weight.dtype}")
+    return linear
 
 
 class RowSliceLinear(_SliceLinear):
-    """A frozen ``nn.Linear`` whose first ``rows`` output rows are trainable.
+    """A frozen ``nn.Linear`` whose output rows ``[start, start + rows)`` are trainable.
 
-    ``weight`` ([out, in]) and ``bias`` are frozen buffers; ``weight_slice`` is
-    ``weight[:rows]`` and ``bias_slice`` is ``bias[:rows]`` (when the layer has a bias and
-    ``train_bias`` was set), both ``nn.Parameter`` views of the buffers' storage, so an optimizer
-    step on them updates the weight in place. Backward computes only the slices' gradients (and
-    the input gradient). ``weight_slice_base`` / ``bias_slice_base`` keep the slices' values from
-    when the layer was made, for :func:`export` and :func:`unload`.
+    ``weight`` ([out, in]) and ``bias`` are frozen buffers; ``weight_slice`` holds
+    ``weight[start:start + rows]`` (a view of the buffer, or a float32 master copy when the
+    weight is float16/bfloat16: see :class:`_SliceLinear`), and ``bias_slice`` likewise
+    ``bias[start:start + rows]`` when the layer has a bias and ``train_bias`` is set (off by
+    default: the reference never trains biases). Backward computes only the slices' gradients
+    (and the input gradient). ``weight_slice_base`` / ``bias_slice_base`` keep the slices'
+    values from when the layer was made, for :func:`export` and :func:`unload`. The layer shares
+    the storage of ``linear``'s weight.
     """
 
-    def __init__(self, linear: nn.Linear, rows: int, train_bias: bool = True):
+    def __init__(self, linear: nn.Linear, rows: int, *, start: int = 0, train_bias: bool = False):
         super().__init__()
+        where = "ftops.s2ft.RowSliceLinear"
+        _check_linear(where, linear)
+        start = _checks.integer(where, "start", start, low=0, high=linear.out_features - 1)
+        rows = _checks.integer(where, "rows", rows, low=1, high=linear.out_features - start)
+        if not isinstance(train_bias, bool):
+            raise TypeError(f"{where}: train_bias must be a bool, got {type(train_bias).__name__}")
         self._setup(linear.weight.detach(), None if linear.bias is None else linear.bias.detach(),
-                    rows, train_bias)
+                    start, rows, train_bias)
 
     @classmethod
-    def _from_tensors(cls, weight, bias, rows, train_bias) -> "RowSliceLinear":
+    def _from_tensors(cls, weight, bias, start, rows, train_bias) -> "RowSliceLinear":
         self = cls.__new__(cls)
         nn.Module.__init__(self)
-        self._setup(weight, bias, rows, train_bias)
+        self._setup(weight, bias, start, rows, train_bias)
         return self
 
-    def _setup(self, weight, bias, rows, train_bias):
-        out_features, in_features = weight.shape
-        if not 0 < rows <= out_features:
-            raise ValueError(f"rows: must be in [1, {out_features}], got {rows}")
-        self.in_features, self.out_features, self.rows = in_features, out_features, rows
+    def _setup(self, weight, bias, start, rows, train_bias):
+        self.out_features, self.in_features = weight.shape
+        self.start, self.rows = start, rows
         self.register_buffer("weight", weight)
         self.register_buffer("bias", bias)
-        self.weight_slice = nn.Parameter(self.weight.narrow(0, 0, rows))
-        self.register_buffer("weight_slice_base", self.weight_slice.detach().clone(), persistent=False)
-        self._own_slices = {"weight_slice": self.weight_slice}
-        if self.bias is not None and train_bias:
-            self.bias_slice = nn.Parameter(self.bias.narrow(0, 0, rows))
-            self.register_buffer("bias_slice_base", self.bias_slice.detach().clone(), persistent=False)
-            self._own_slices["bias_slice"] = self.bias_slice
-        else:
-            self.register_parameter("bias_slice", None)
-            self.register_buffer("bias_slice_base", None, persistent=False)
+        self._init_slices(train_bias)
 
     def _links(self):
-        yield "weight_slice", self.weight, self.rows
-        if self.bias is not None:
-            yield "bias_slice", self.bias, self.rows
+        yield "weight_slice", "weight_slice_base", self.weight, self.rows
+        yield "bias_slice", "bias_slice_base", self.bias, self.rows
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_links()
+        self._sync()
         if self._slices_need_grad():
-            return _RowSliceFn.apply(x, self.weight, self.bias, self.weight_slice, self.bias_slice)
+            return _RowSliceFn.apply(x, self.weight, self.bias, self.weight_slice,
+                                     self.bias_slice, self.start)
         return F.linear(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"trainable_rows={self.rows}, bias={self.bias is not None}, "
-                f"train_bias={self.bias_slice is not None}")
+                f"trainable_rows=[{self.start}, {self.start + self.rows}), "
+                f"bias={self.bias is not None}, train_bias={self.bias_slice is not None}")
 
 
 class ColumnSliceLinear(_SliceLinear):
-    """A frozen ``nn.Linear`` whose first ``cols`` input columns are trainable.
+    """A frozen ``nn.Linear`` whose input columns ``[start, start + cols)`` are trainable.
 
     The weight is stored transposed, as the contiguous buffer ``weight_t`` ([in, out]), so that
-    the trainable columns ``W[:, :cols]`` are the contiguous rows ``weight_t[:cols]``:
-    ``weight_slice`` is that view, an ``nn.Parameter`` of shape [cols, out]. ``weight`` returns
-    the usual [out, in] view. The bias (indexed by output) is frozen. Forward saves only
-    ``x[..., :cols]`` for backward, which computes only the slice's gradient (and the input
-    gradient).
+    the trainable columns ``W[:, start:start + cols]`` are the contiguous rows of ``weight_t``:
+    ``weight_slice`` ([cols, out]) holds them (a view, or a float32 master copy when the weight is
+    float16/bfloat16). ``weight`` returns the usual [out, in] view. The bias (indexed by output) is
+    frozen. Forward saves only ``x[..., start:start + cols]`` for backward, which computes only
+    the slice's gradient (and the input gradient). The layer copies ``linear``'s weight.
     """
 
-    def __init__(self, linear: nn.Linear, cols: int):
+    def __init__(self, linear: nn.Linear, cols: int, *, start: int = 0):
         super().__init__()
+        where = "ftops.s2ft.ColumnSliceLinear"
+        _check_linear(where, linear)
+        start = _checks.integer(where, "start", start, low=0, high=linear.in_features - 1)
+        cols = _checks.integer(where, "cols", cols, low=1, high=linear.in_features - start)
         self._setup(linear.weight.detach().t().contiguous(),
-                    None if linear.bias is None else linear.bias.detach(), cols)
+                    None if linear.bias is None else linear.bias.detach(), start, cols)
 
     @classmethod
-    def _from_tensors(cls, weight_t, bias, cols) -> "ColumnSliceLinear":
+    def _from_tensors(cls, weight_t, bias, start, cols) -> "ColumnSliceLinear":
         self = cls.__new__(cls)
         nn.Module.__init__(self)
-        self._setup(weight_t, bias, cols)
+        self._setup(weight_t, bias, start, cols)
         return self
 
-    def _setup(self, weight_t, bias, cols):
-        in_features, out_features = weight_t.shape
-        if not 0 < cols <= in_features:
-            raise ValueError(f"cols: must be in [1, {in_features}], got {cols}")
-        self.in_features, self.out_features, self.cols = in_features, out_features, cols
+    def _setup(self, weight_t, bias, start, cols):
+        self.in_features, self.out_features = weight_t.shape
+        self.start, self.cols = start, cols
         self.register_buffer("weight_t", weight_t)
         self.register_buffer("bias", bias)
-        self.weight_slice = nn.Parameter(self.weight_t.narrow(0, 0, cols))
-        self.register_buffer("weight_slice_base", self.weight_slice.detach().clone(), persistent=False)
-        self._own_slices = {"weight_slice": self.weight_slice}
+        self._init_slices(False)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -654,17 +881,18 @@ class ColumnSliceLinear(_SliceLinear):
         return self.weight_t.t()
 
     def _links(self):
-        yield "weight_slice", self.weight_t, self.cols
+        yield "weight_slice", "weight_slice_base", self.weight_t, self.cols
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_links()
+        self._sync()
         if self._slices_need_grad():
-            return _ColumnSliceFn.apply(x, self.weight_t, self.bias, self.weight_slice)
+            return _ColumnSliceFn.apply(x, self.weight_t, self.bias, self.weight_slice, self.start)
         return F.linear(x, self.weight_t.t(), self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"trainable_cols={self.cols}, bias={self.bias is not None}")
+                f"trainable_cols=[{self.start}, {self.start + self.cols}), "
+                f"bias={self.bias is not None}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -673,9 +901,10 @@ class ColumnSliceLinear(_SliceLinear):
 
 @dataclass(frozen=True)
 class _Slice:
-    name: str         # module path of the trained projection
-    mode: str         # "row" or "col"
-    index: torch.Tensor  # original row (row mode) / column (col mode) indices of the slice, in order
+    name: str            # module path of the trained projection
+    mode: str            # "row" or "col"
+    start: int           # first row (row mode) / column (col mode) of the slice, after permuting
+    index: torch.Tensor  # original row / column indices of the slice, in order
 
 
 @dataclass(frozen=True)
@@ -686,43 +915,87 @@ class _BlockPlan:
     slices: tuple[_Slice, ...]
 
 
-def _units_perm(n: int, chosen: tuple[int, ...]) -> torch.Tensor:
+def _units_perm(n: int, first: list[int]) -> torch.Tensor:
+    """``first`` in that order, then every other unit in increasing order."""
     mask = torch.ones(n, dtype=torch.bool)
-    mask[list(chosen)] = False
-    return torch.cat([torch.tensor(chosen, dtype=torch.long), torch.nonzero(mask).flatten()])
+    mask[first] = False
+    return torch.cat([torch.tensor(first, dtype=torch.long), torch.nonzero(mask).flatten()])
 
 
 def _expand(perm: torch.Tensor, width: int) -> torch.Tensor:
     return (perm[:, None] * width + torch.arange(width)).flatten()
 
 
+def _split_units(rows: tuple[int, ...], cols: tuple[int, ...]):
+    """Order "rows only, both, columns only": the row-trained units and the column-trained
+    units are then each contiguous (as the reference orders them)."""
+    r, c = set(rows), set(cols)
+    return sorted(r - c), sorted(r & c), sorted(c - r)
+
+
 def _plans(sel: Selection, attn, mlp) -> list[_BlockPlan]:
     plans = []
     for a in attn:
-        chosen = sel.heads.get(a.path, ())
-        if not chosen:
+        v, o = sel.v_heads.get(a.path, ()), sel.o_heads.get(a.path, ())
+        if not v and not o:
             continue
-        perm = _units_perm(a.num_kv_heads, chosen)
-        q_idx, kv_idx = _expand(perm, a.group * a.head_dim), _expand(perm, a.head_dim)
-        k = len(chosen)
+        only_v, both, only_o = _split_units(v, o)
+        perm = _units_perm(a.num_kv_heads, only_v + both + only_o)
+        qw = a.group * a.head_dim
+        q_idx, kv_idx = _expand(perm, qw), _expand(perm, a.head_dim)
+        slices = []
+        if v:
+            slices.append(_Slice(a.v, "row", 0, kv_idx[: len(v) * a.head_dim]))
+        if o:
+            s = len(only_v) * qw
+            slices.append(_Slice(a.o, "col", s, q_idx[s: s + len(o) * qw]))
         plans.append(_BlockPlan(
-            a.path, perm,
-            ((a.q, 0, q_idx), (a.k, 0, kv_idx), (a.v, 0, kv_idx), (a.o, 1, q_idx)),
-            (_Slice(a.v, "row", kv_idx[: k * a.head_dim]),
-             _Slice(a.o, "col", q_idx[: k * a.group * a.head_dim])),
-        ))
+            a.path, perm, ((a.q, 0, q_idx), (a.k, 0, kv_idx), (a.v, 0, kv_idx), (a.o, 1, q_idx)),
+            tuple(slices)))
     for f in mlp:
-        chosen = sel.channels.get(f.path, ())
-        if not chosen:
+        u, d = sel.u_channels.get(f.path, ()), sel.d_channels.get(f.path, ())
+        if not u and not d:
             continue
-        perm = _units_perm(f.channels, chosen)
+        only_u, both, only_d = _split_units(u, d)
+        perm = _units_perm(f.channels, only_u + both + only_d)
         moves = ((f.up, 0, perm), (f.down, 1, perm))
         if f.gate is not None:
             moves = ((f.gate, 0, perm),) + moves
-        k = len(chosen)
-        plans.append(_BlockPlan(f.path, perm, moves,
-                                (_Slice(f.up, "row", perm[:k]), _Slice(f.down, "col", perm[:k]))))
+        slices = []
+        if u:
+            slices.append(_Slice(f.up, "row", 0, perm[: len(u)]))
+        if d:
+            s = len(only_u)
+            slices.append(_Slice(f.down, "col", s, perm[s: s + len(d)]))
+        plans.append(_BlockPlan(f.path, perm, moves, tuple(slices)))
     return plans
+
+
+def _check_plans(where: str, model: nn.Module, plans: list[_BlockPlan]) -> None:
+    """Refuse projections S²FT cannot permute in place: non-floating weights, and modules or
+    weights that are shared with another part of the model (permuting one use would break the
+    others)."""
+    parents: dict[int, set[int]] = defaultdict(set)
+    holders: dict[int, set[int]] = defaultdict(set)
+    for _, m in model.named_modules(remove_duplicate=False):
+        for child in m._modules.values():
+            if child is not None:
+                parents[id(child)].add(id(m))
+        for p in m._parameters.values():
+            if p is not None:
+                holders[id(p)].add(id(m))
+    for plan in plans:
+        for name, _, _ in plan.moves:
+            mod = model.get_submodule(name)
+            if not mod.weight.is_floating_point():
+                raise TypeError(f"{where}: model.{name}.weight has dtype {mod.weight.dtype}; "
+                                "S²FT trains floating-point weights")
+            params = [p for p in mod._parameters.values() if p is not None]
+            if len(parents[id(mod)]) > 1 or any(len(holders[id(p)]) > 1 for p in params):
+                raise ValueError(
+                    f"{where}: model.{name} (or its weight) is shared with another part of the "
+                    "model; S²FT permutes the projections of a selected block in place and "
+                    "cannot do that to a shared one")
 
 
 def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -738,15 +1011,24 @@ def _plain_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     return lin
 
 
+def _same_layout(a: _Slice | None, b: _Slice | None, has_bias: bool, bias_a: bool,
+                 bias_b: bool) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return (a.mode == b.mode and a.start == b.start and len(a.index) == len(b.index)
+            and (a.mode == "col" or not has_bias or bias_a == bias_b))
+
+
 @torch.no_grad()
-def _rearrange(model: nn.Module, old: list[_BlockPlan], new: list[_BlockPlan], train_bias: bool) -> None:
+def _rearrange(model: nn.Module, old: list[_BlockPlan], new: list[_BlockPlan], old_bias: bool,
+               new_bias: bool) -> None:
     """Move every projection touched by ``old`` or ``new`` from the ``old`` layout to the ``new``.
 
-    A layout is a permutation of each block's units plus the S²FT layer type of the trained
+    A layout is a permutation of each block's units plus the S²FT layer of the trained
     projections (no plans: the original model). One pass per weight: the composed permutation
     (undo old, apply new) and the change between [out, in] and transposed storage happen in a
-    single ``index_select``. Frozen projections are permuted in place (their Parameter objects
-    survive); trained ones get new storage.
+    single ``index_select``. Frozen projections that stay ``nn.Linear`` are permuted in place
+    (their Parameter objects survive); the others get new storage.
     """
     moves: dict[str, list] = {}  # name -> [dim, old index, new index, old slice, new slice]
     for which, plans in ((1, old), (2, new)):
@@ -761,16 +1043,12 @@ def _rearrange(model: nn.Module, old: list[_BlockPlan], new: list[_BlockPlan], t
         ident = torch.arange(n)
         idx = (torch.argsort(i_old) if i_old is not None else ident)
         idx = idx[i_new] if i_new is not None else idx  # new[i] = current[idx[i]]
-        same_layout = (s_old is None) == (s_new is None) and (
-            s_old is None or (s_old.mode == s_new.mode and len(s_old.index) == len(s_new.index)
-                              and (s_new.mode == "col" or mod.bias is None
-                                   or train_bias == (mod.bias_slice is not None))))
-        if torch.equal(idx, ident) and same_layout:
+        if torch.equal(idx, ident) and _same_layout(s_old, s_new, mod.bias is not None,
+                                                    old_bias, new_bias):
             continue
-        if isinstance(mod, ColumnSliceLinear):
-            w = mod.weight_t.t()        # [out, in] view
-        else:
-            w = mod.weight.detach()     # nn.Linear or RowSliceLinear: [out, in]
+        if isinstance(mod, _SliceLinear):
+            mod._sync()  # the buffer holds the trained values
+        w = mod.weight_t.t() if isinstance(mod, ColumnSliceLinear) else mod.weight.detach()
         bias = None if mod.bias is None else mod.bias.detach()
         index = idx.to(w.device)
         if s_new is None and isinstance(mod, nn.Linear):
@@ -782,11 +1060,12 @@ def _rearrange(model: nn.Module, old: list[_BlockPlan], new: list[_BlockPlan], t
         if dim == 0 and bias is not None:
             bias = bias.index_select(0, index)
         if s_new is not None and s_new.mode == "col":
-            new_mod = ColumnSliceLinear._from_tensors(w.t().index_select(0, index), bias, len(s_new.index))
+            new_mod = ColumnSliceLinear._from_tensors(w.t().index_select(0, index), bias,
+                                                      s_new.start, len(s_new.index))
         else:
             w = w.index_select(dim, index)  # contiguous [out, in]
-            new_mod = (_plain_linear(w, bias) if s_new is None
-                       else RowSliceLinear._from_tensors(w, bias, len(s_new.index), train_bias))
+            new_mod = (_plain_linear(w, bias) if s_new is None else RowSliceLinear._from_tensors(
+                w, bias, s_new.start, len(s_new.index), new_bias))
         _set_module(model, name, new_mod)
 
 
@@ -800,62 +1079,82 @@ class _State:
     requires_grad: dict[str, bool]
 
 
-def _state(model: nn.Module) -> _State | None:
-    st = getattr(model, _STATE_ATTR, None)
+def _state(model: Any) -> _State | None:
+    st = getattr(model, _STATE_ATTR, None) if isinstance(model, nn.Module) else None
     return st if isinstance(st, _State) else None
 
 
-def _require_state(model: nn.Module) -> _State:
+def _require_state(where: str, model: Any) -> _State:
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        raise TypeError(f"{where}: model must be a torch.nn.Module, got {type(model).__name__}")
     st = _state(model)
     if st is None:
-        raise ValueError("model: S²FT is not applied to this model (use ftops.s2ft.apply or "
+        raise ValueError(f"{where}: model does not have S²FT applied (use ftops.s2ft.apply or "
                          "ftops.s2ft.load first)")
     return st
+
+
+def _slice_modules(where: str, model: nn.Module, st: _State,
+                   need_base: bool = False) -> list[tuple[_Slice, _SliceLinear]]:
+    """The S²FT layers of every planned slice, checked to be intact (nothing changed yet)."""
+    out = []
+    for plan in st.plans:
+        for s in plan.slices:
+            try:
+                mod = model.get_submodule(s.name)
+            except AttributeError:
+                mod = None
+            cls = RowSliceLinear if s.mode == "row" else ColumnSliceLinear
+            n = len(s.index)
+            if (not isinstance(mod, cls) or mod.start != s.start
+                    or (mod.rows if s.mode == "row" else mod.cols) != n):
+                raise RuntimeError(f"{where}: model.{s.name} is no longer the S²FT layer that "
+                                   f"apply made ({type(mod).__name__}); was it replaced?")
+            if need_base and not mod._base_known:
+                raise RuntimeError(
+                    f"{where}: the base values of model.{s.name}'s trainable slice are unknown: "
+                    "S²FT was applied on the meta device and the model was materialised "
+                    "(to_empty) without loading an S²FT state_dict, which carries them")
+            out.append((s, mod))
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
 # Public API: apply / export / load / merge / unload
 # --------------------------------------------------------------------------------------------------
 
-def apply(model: nn.Module, selection: Selection, *, train_bias: bool = True) -> nn.Module:
+def apply(model: nn.Module, selection: Selection, *, train_bias: bool = False) -> nn.Module:
     """Convert ``model`` in place for S²FT training with ``selection``; returns ``model``.
 
-    Every block with selected units is co-permuted so those units come first (query/key/value
+    Every block with selected units is co-permuted so that they are contiguous (query/key/value
     rows and output-projection columns per key/value head group; gate/up rows and down columns
-    per channel), which leaves the model's function unchanged. The value and up (BERT:
-    intermediate) projections become :class:`RowSliceLinear`, the attention-output and down
-    (BERT: output) projections :class:`ColumnSliceLinear`. Afterwards the parameters with
-    ``requires_grad`` are exactly the trainable slices (``...weight_slice``, and
-    ``...bias_slice`` of row-trained projections with a bias when ``train_bias``); every other
-    parameter is frozen (you may unfreeze e.g. norms or a task head yourself). The permutation is
-    recorded on the model for :func:`export`, :func:`merge` and :func:`unload`.
+    per channel), which leaves the model's function unchanged. Projections with trained columns
+    (output, down; BERT: ``attention.output.dense``, ``output.dense``) become
+    :class:`ColumnSliceLinear`, those with trained rows (value, up; BERT: ``self.value``,
+    ``intermediate.dense``) :class:`RowSliceLinear`; the others stay frozen ``nn.Linear``.
+    Afterwards the parameters with ``requires_grad`` are exactly the trainable slices
+    (``...weight_slice``, and ``...bias_slice`` of row-trained projections with a bias when
+    ``train_bias``; off by default, as the reference never trains biases); every other parameter
+    is frozen (you may unfreeze e.g. norms or a task head yourself). The permutation is recorded
+    on the model for :func:`export`, :func:`merge` and :func:`unload`.
 
-    Raises ValueError when the model is not recognised, is already converted, or the selection
-    is empty or was made for a differently shaped model. The model is not modified on error.
+    Raises TypeError / ValueError naming the argument when the model is not recognised, already
+    converted or has shared projections, or the selection is not a :class:`Selection`, is empty
+    or was made for a differently shaped model. The model is not modified on error.
     """
-    attn, mlp = _require_blocks(model)
-    _check_selection(selection, attn, mlp)
+    where = "ftops.s2ft.apply"
+    attn, mlp = _require_blocks(where, model)
+    _check_selection(where, selection, attn, mlp)
     if not isinstance(train_bias, bool):
-        raise TypeError(f"train_bias: expected a bool, got {type(train_bias).__name__}")
+        raise TypeError(f"{where}: train_bias must be a bool, got {type(train_bias).__name__}")
     plans = _plans(selection, attn, mlp)
+    _check_plans(where, model, plans)
     requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-    _rearrange(model, [], plans, train_bias)
+    _rearrange(model, [], plans, False, train_bias)
     setattr(model, _STATE_ATTR, _State(selection, attn, mlp, plans, train_bias, requires_grad))
     return model
-
-
-def _slice_modules(model: nn.Module, st: _State) -> Iterator[tuple[_Slice, _SliceLinear]]:
-    for plan in st.plans:
-        for s in plan.slices:
-            mod = model.get_submodule(s.name)
-            if not isinstance(mod, _SliceLinear):
-                raise RuntimeError(f"model: {s.name} is no longer an S²FT layer "
-                                   f"({type(mod).__name__}); was it replaced after apply?")
-            yield s, mod
 
 
 def export(model: nn.Module) -> dict[str, Any]:
@@ -864,29 +1163,31 @@ def export(model: nn.Module) -> dict[str, Any]:
     The dict holds only str/int/bool/list/dict and tensors, so ``torch.save`` it and read it back
     with ``torch.load(..., weights_only=True)``:
 
-    * ``"format"``: ``"ftops.s2ft"``, ``"version"``: 1, ``"train_bias"``;
+    * ``"format"``: ``"ftops.s2ft"``, ``"version"``: 2, ``"train_bias"``;
     * ``"selection"``: :meth:`Selection.to_dict`;
     * ``"permutations"``: block path -> int64 tensor, new position -> original head/channel;
     * ``"deltas"``: parameter name (``"<module>.weight"`` / ``"<module>.bias"``, as in the
       original model) -> ``{"dim", "index", "delta"}`` in the original orientation and order:
       ``weight.index_add_(dim, index, delta)`` on the original (unpermuted) weight gives the
-      trained weight. ``delta`` is always relative to the base model: the slice's current
-      value minus its value when :func:`apply` or :func:`load` converted the base model (so
-      after :func:`load` it includes the loaded adapter's delta).
+      trained weight. ``delta`` is relative to the base model (the slice's current value minus
+      its value when :func:`apply` or :func:`load` converted the base model, so after
+      :func:`load` it includes the loaded adapter's delta), in float32 for half-precision weights
+      (the master's precision).
     """
-    st = _require_state(model)
+    where = "ftops.s2ft.export"
+    st = _require_state(where, model)
     deltas: dict[str, dict[str, Any]] = {}
-    with torch.no_grad():
-        for s, mod in _slice_modules(model, st):
-            d = (mod.weight_slice - mod.weight_slice_base).detach()
-            if s.mode == "row":
-                deltas[f"{s.name}.weight"] = {"dim": 0, "index": s.index.clone(), "delta": d.cpu().clone()}
-                if getattr(mod, "bias_slice", None) is not None:
-                    db = (mod.bias_slice - mod.bias_slice_base).detach()
-                    deltas[f"{s.name}.bias"] = {"dim": 0, "index": s.index.clone(), "delta": db.cpu().clone()}
-            else:
-                deltas[f"{s.name}.weight"] = {"dim": 1, "index": s.index.clone(),
-                                              "delta": d.t().cpu().contiguous()}
+    for s, mod in _slice_modules(where, model, st, need_base=True):
+        d = mod._deltas()
+        if s.mode == "row":
+            deltas[f"{s.name}.weight"] = {"dim": 0, "index": s.index.clone(),
+                                          "delta": d["weight_slice"].cpu().clone()}
+            if "bias_slice" in d:
+                deltas[f"{s.name}.bias"] = {"dim": 0, "index": s.index.clone(),
+                                            "delta": d["bias_slice"].cpu().clone()}
+        else:
+            deltas[f"{s.name}.weight"] = {"dim": 1, "index": s.index.clone(),
+                                          "delta": d["weight_slice"].t().cpu().contiguous()}
     return {
         "format": ADAPTER_FORMAT,
         "version": ADAPTER_VERSION,
@@ -898,20 +1199,13 @@ def export(model: nn.Module) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def _reset_slices(model: nn.Module, st: _State) -> None:
-    for _, mod in _slice_modules(model, st):
-        mod.weight_slice.copy_(mod.weight_slice_base)
-        if getattr(mod, "bias_slice", None) is not None:
-            mod.bias_slice.copy_(mod.bias_slice_base)
-
-
-@torch.no_grad()
-def _restore_plain(model: nn.Module, st: _State, reset: bool) -> None:
+def _restore_plain(where: str, model: nn.Module, st: _State, reset: bool) -> None:
     """Back to plain nn.Linear modules in the original order (reset: base slice values first)."""
-    list(_slice_modules(model, st))  # check the layers are intact before changing anything
+    mods = _slice_modules(where, model, st, need_base=reset)  # all checked before any change
     if reset:
-        _reset_slices(model, st)
-    _rearrange(model, st.plans, [], st.train_bias)
+        for _, mod in mods:
+            mod._set_slices()
+    _rearrange(model, st.plans, [], st.train_bias, False)
     for name, p in model.named_parameters():
         p.requires_grad_(st.requires_grad.get(name, True))
     delattr(model, _STATE_ATTR)
@@ -921,11 +1215,11 @@ def merge(model: nn.Module) -> nn.Module:
     """Fold the trained slices into plain ``nn.Linear`` layers in the original order, in place.
 
     Returns ``model``, now a plain model (its state_dict has the original keys and shapes) that
-    computes what the S²FT model computed; the ``requires_grad`` flags are restored to what they
-    were before :func:`apply`.
+    computes what the S²FT model computed (half-precision weights get the master's values,
+    rounded); the ``requires_grad`` flags are restored to what they were before :func:`apply`.
     """
-    st = _require_state(model)
-    _restore_plain(model, st, reset=False)
+    where = "ftops.s2ft.merge"
+    _restore_plain(where, model, _require_state(where, model), reset=False)
     return model
 
 
@@ -933,30 +1227,35 @@ def unload(model: nn.Module) -> nn.Module:
     """Undo S²FT in place: discard the training and restore the base model bit-exactly.
 
     Returns ``model``. Useful to go back to the base model or before applying another
-    selection; :func:`load` calls it when switching to an adapter with a different selection.
+    selection; :func:`load` does the same when switching to an adapter with another selection.
     """
-    st = _require_state(model)
-    _restore_plain(model, st, reset=True)
+    where = "ftops.s2ft.unload"
+    _restore_plain(where, model, _require_state(where, model), reset=True)
     return model
 
 
-def _check_adapter(adapter) -> tuple[Selection, bool]:
+def _check_adapter(where: str, adapter: Any) -> tuple[Selection, bool]:
     if not isinstance(adapter, Mapping):
-        raise TypeError(f"adapter: expected the dict from ftops.s2ft.export, got {type(adapter).__name__}")
+        raise TypeError(f"{where}: adapter must be the dict from ftops.s2ft.export, got "
+                        f"{type(adapter).__name__}")
     if adapter.get("format") != ADAPTER_FORMAT:
-        raise ValueError(f"adapter: not an S²FT adapter (format={adapter.get('format')!r}, "
-                         f"expected {ADAPTER_FORMAT!r})")
-    if adapter.get("version") != ADAPTER_VERSION:
-        raise ValueError(f"adapter: unsupported version {adapter.get('version')!r} "
-                         f"(this ftops reads version {ADAPTER_VERSION})")
+        raise ValueError(f"{where}: adapter is not an S²FT adapter (format="
+                         f"{adapter.get('format')!r}, expected {ADAPTER_FORMAT!r})")
+    version = adapter.get("version")
+    if isinstance(version, bool) or version not in (1, ADAPTER_VERSION):
+        raise ValueError(f"{where}: adapter has unsupported version {version!r} (this ftops "
+                         f"reads versions 1 and {ADAPTER_VERSION})")
     for key in ("selection", "deltas", "train_bias"):
         if key not in adapter:
-            raise ValueError(f"adapter: missing key {key!r}")
-    return Selection.from_dict(adapter["selection"]), bool(adapter["train_bias"])
+            raise ValueError(f"{where}: adapter is missing key {key!r}")
+    if not isinstance(adapter["train_bias"], bool):
+        raise TypeError(f"{where}: adapter['train_bias'] must be a bool, got "
+                        f"{type(adapter['train_bias']).__name__}")
+    return Selection.from_dict(adapter["selection"]), adapter["train_bias"]
 
 
 def _expected_deltas(sel: Selection, attn, mlp, train_bias: bool, model: nn.Module):
-    """name -> (dim, index, shape) of every delta an adapter for `sel` must carry."""
+    """name -> (dim, index, shape) of every delta an adapter for ``sel`` must carry."""
     out = {}
     for plan in _plans(sel, attn, mlp):
         for s in plan.slices:
@@ -972,6 +1271,37 @@ def _expected_deltas(sel: Selection, attn, mlp, train_bias: bool, model: nn.Modu
     return out
 
 
+def _check_deltas(where: str, adapter: Mapping, sel: Selection, attn, mlp, train_bias: bool,
+                  model: nn.Module) -> None:
+    expected = _expected_deltas(sel, attn, mlp, train_bias, model)
+    deltas = adapter["deltas"]
+    if not isinstance(deltas, Mapping) or set(deltas) != set(expected):
+        have = set(deltas) if isinstance(deltas, Mapping) else set()
+        raise ValueError(
+            f"{where}: adapter's deltas do not match its selection on this model (missing "
+            f"{sorted(set(expected) - have)[:4]}, unexpected {sorted(have - set(expected))[:4]})")
+    for name, (dim, index, shape) in expected.items():
+        d = deltas[name]
+        ok = (isinstance(d, Mapping) and d.get("dim") == dim
+              and isinstance(d.get("index"), torch.Tensor)
+              and d["index"].shape == index.shape and torch.equal(d["index"].cpu(), index)
+              and isinstance(d.get("delta"), torch.Tensor) and d["delta"].is_floating_point()
+              and tuple(d["delta"].shape) == shape)
+        if not ok:
+            raise ValueError(f"{where}: adapter['deltas'][{name!r}] does not fit this model "
+                             f"(expected dim={dim}, a floating delta of shape {shape} and the "
+                             "index of its selection)")
+        if not torch.isfinite(d["delta"]).all():
+            raise ValueError(f"{where}: adapter['deltas'][{name!r}] has non-finite values")
+    perms = adapter.get("permutations")
+    if perms is not None:
+        want = {p.path: p.perm for p in _plans(sel, attn, mlp)}
+        if (not isinstance(perms, Mapping) or set(perms) != set(want) or not all(
+                isinstance(perms[k], torch.Tensor) and perms[k].shape == v.shape
+                and torch.equal(perms[k].cpu(), v) for k, v in want.items())):
+            raise ValueError(f"{where}: adapter['permutations'] do not match its selection")
+
+
 def load(base_model: nn.Module, adapter: Mapping[str, Any]) -> nn.Module:
     """Put an adapter from :func:`export` on a model, in place; returns the model.
 
@@ -980,55 +1310,41 @@ def load(base_model: nn.Module, adapter: Mapping[str, Any]) -> nn.Module:
     ready to compute with, train further, :func:`export` (deltas relative to the base) or
     :func:`merge`. On a model that already carries an S²FT adapter this switches adapters: with
     the same selection only the slices are rewritten (base + new delta; fast), otherwise the old
-    adapter is removed first (:func:`unload`: exact base weights back) and the new one applied.
+    adapter is removed first (the exact base weights back, as :func:`unload`) and the new one
+    applied. Adapters of version 1 (ftops' earlier ``heads``/``channels`` form) load as well.
     The adapter is checked against the model before anything is changed. After a switch to a
     different selection the trainable parameters are new objects: make a new optimizer.
     """
-    sel, train_bias = _check_adapter(adapter)
-    st = _state(base_model) if isinstance(base_model, nn.Module) else None
+    where = "ftops.s2ft.load"
+    if not isinstance(base_model, nn.Module):
+        raise TypeError(f"{where}: base_model must be a torch.nn.Module, got "
+                        f"{type(base_model).__name__}")
+    sel, train_bias = _check_adapter(where, adapter)
+    st = _state(base_model)
     if st is not None:
         attn, mlp = st.attn, st.mlp
-        _check_selection(sel, attn, mlp)
+        mods = _slice_modules(where, base_model, st, need_base=True)
     else:
-        attn, mlp = _require_blocks(base_model)
-        _check_selection(sel, attn, mlp)
-    expected = _expected_deltas(sel, attn, mlp, train_bias, base_model)
-    deltas = adapter["deltas"]
-    if not isinstance(deltas, Mapping) or set(deltas) != set(expected):
-        have = set(deltas) if isinstance(deltas, Mapping) else set()
-        raise ValueError(
-            f"adapter: its deltas do not match its selection on this model (missing "
-            f"{sorted(set(expected) - have)[:4]}, unexpected {sorted(have - set(expected))[:4]})"
-        )
-    for name, (dim, index, shape) in expected.items():
-        d = deltas[name]
-        if (not isinstance(d, Mapping) or d.get("dim") != dim
-                or not isinstance(d.get("index"), torch.Tensor)
-                or not torch.equal(d["index"].cpu(), index)
-                or not isinstance(d.get("delta"), torch.Tensor)
-                or tuple(d["delta"].shape) != shape):
-            raise ValueError(f"adapter: delta {name!r} does not fit this model (expected dim={dim}, "
-                             f"delta shape {shape} and the index of its selection)")
+        attn, mlp = _require_blocks(where, base_model)
+    _check_selection(where, sel, attn, mlp)
+    _check_deltas(where, adapter, sel, attn, mlp, train_bias, base_model)
     if st is None:
         apply(base_model, sel, train_bias=train_bias)
         st = _state(base_model)
     elif st.selection != sel or st.train_bias != train_bias:
-        # Switch layouts in one pass per weight: base slices back, then old -> new permutation.
-        list(_slice_modules(base_model, st))
-        with torch.no_grad():
-            _reset_slices(base_model, st)
         plans = _plans(sel, attn, mlp)
-        _rearrange(base_model, st.plans, plans, train_bias)
+        _check_plans(where, base_model, plans)
+        # Switch layouts in one pass per weight: base slices back, then old -> new permutation.
+        for _, mod in mods:
+            mod._set_slices()
+        _rearrange(base_model, st.plans, plans, st.train_bias, train_bias)
         st = _State(sel, attn, mlp, plans, train_bias, st.requires_grad)
         setattr(base_model, _STATE_ATTR, st)
-    with torch.no_grad():
-        for s, mod in _slice_modules(base_model, st):
-            d = deltas[f"{s.name}.weight"]["delta"]
-            d = d if s.mode == "row" else d.t()
-            mod.weight_slice.copy_(mod.weight_slice_base + d.to(mod.weight_slice.device,
-                                                                 mod.weight_slice.dtype))
-            if getattr(mod, "bias_slice", None) is not None:
-                db = deltas[f"{s.name}.bias"]["delta"]
-                mod.bias_slice.copy_(mod.bias_slice_base + db.to(mod.bias_slice.device,
-                                                                 mod.bias_slice.dtype))
+    deltas = adapter["deltas"]
+    for s, mod in _slice_modules(where, base_model, st):
+        d = deltas[f"{s.name}.weight"]["delta"]
+        own = {"weight_slice": d if s.mode == "row" else d.t()}
+        if s.mode == "row" and mod.bias_slice is not None:
+            own["bias_slice"] = deltas[f"{s.name}.bias"]["delta"]
+        mod._set_slices(own)
     return base_model
