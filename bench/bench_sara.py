@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """SaRA benchmark: ftops.SaRA against full fine-tuning, LoRA (peft) and a reference-style SaRA.
 
-What is measured (issue 5, section 4):
+What is measured:
 
 * One training step of a Llama-style model (``transformers.LlamaForCausalLM`` from a
   ``LlamaConfig``, random weights with the default init std 0.02, float32) on random tokens, for
@@ -18,8 +18,11 @@ What is measured (issue 5, section 4):
     gradient ``dY^T X`` computed and gathered at the mask; the nuclear norm of the scattered
     delta of one random eligible matrix added to the loss (autograd through the SVD);
     ``torch.optim.AdamW`` on the values.
-  - ``ftops_sara``: ``ftops.SaRA`` (indices + values, SDDMM weight gradient, the nuclear-norm
-    gradient added in ``step()``, fused AdamW).
+  - ``ftops_sara``: ``ftops.SaRA`` (indices + values, the plain layer forward, SDDMM weight
+    gradient, the nuclear-norm gradient added in ``step()``, fused AdamW, then
+    ``W[idx] = W0[idx] + values`` written into the model).
+  - ``ftops_sara_l0`` (not with ``--quick``): the same with ``lambda_rank=0``, which shows what the
+    nuclear norm's per-step SVD costs.
 
   Both SaRA variants use the paper's threshold 2e-3 (|w| < 2e-3, about 8% of the entries with std
   0.02) and lambda_rank 5e-4 on the same projections LoRA adapts (q/k/v/o/gate/up/down).
@@ -34,18 +37,24 @@ What is measured (issue 5, section 4):
   allocation history rather than on its live tensors; with a fixed threshold every tensor of
   64 KiB or more is returned to the system when freed. ``--malloc-default`` measures with glibc's
   default instead.
-  Time: median wall time of ``--steps`` steps (forward, backward, ``step``, ``zero_grad``) after
-  the warm-up; CUDA synchronizes around each step.
+  A step: forward, backward, ``step``, ``zero_grad``; CUDA synchronizes around each step.
+  Memory rounds: every method runs in its own process once per round (``--rounds``), in an order
+  rotated from round to round; the table shows the median peak over rounds.
+  Time: one more process holds every method's model and runs one step of each in turn
+  (``--time-rounds`` rounds after a warm-up round, the order rotated every round), so that
+  background load that comes and goes hits all methods alike; the table shows each method's
+  median step. (The per-process step times are kept in the JSON as ``own_process_step_s``.)
 * SDDMM vs the dense weight-gradient GEMM ``dY^T X`` at 1%, 10%, 20% density, on the model's
   projection shapes, same process, interleaved, median of repeats: ``ftops.sddmm_csr`` on the
   row-compressed layout that ftops.SaRA keeps (int16 columns).
 
-Targets (issue 5): ftops SaRA peak memory <= LoRA's and <= 0.6x full FT; SDDMM at 10% density
-<= 0.5x the dense dW GEMM time.
+Targets: ftops SaRA at or below LoRA in step time and in peak memory, peak <= 0.6x full FT;
+SDDMM at 10% density <= 0.5x the dense dW GEMM time.
 
 Usage::
 
-    python bench/bench_sara.py [--device cpu|cuda] [--quick] [--threads N] [--out bench/results/sara.json]
+    python bench/bench_sara.py [--device cpu|cuda] [--quick] [--threads N] [--rounds R]
+                               [--out bench/results/sara.json]
 
 On a shared CPU (more runnable threads than cores) pass ``--threads 1``: every parallel region of
 torch and of ftops then waits for descheduled threads, and timings measure the scheduler.
@@ -165,34 +174,8 @@ def lora_rank_for(model, count):
     return max(1, round(count / per_rank))
 
 
-def worker(method: str, cfg, device: str, steps: int, threads: int = 0) -> dict:
-    dev = torch.device(device)
-    hidden, inter, layers, heads, vocab, batch, seq = cfg
-    sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
-    # Every worker imports the same libraries before the baseline is taken, so that library code
-    # and data do not count as one method's training memory.
-    import ftops  # noqa: F401
-    import peft  # noqa: F401
-    import transformers  # noqa: F401
-
-    if threads:
-        torch.set_num_threads(threads)
-    # Warm up code paths and thread pools on a tiny model first (not counted as memory).
-    tiny = make_model((64, 128, 1, 2, 128, 1, 16), dev)
-    ids = torch.randint(0, 128, (1, 16), device=dev)
-    tiny(input_ids=ids, labels=ids).loss.backward()
-    del tiny, ids
-
-    model = make_model(cfg, dev)
-    g = torch.Generator().manual_seed(1)
-    ids = torch.randint(0, vocab, (batch, seq), generator=g).to(dev)
-    sync()
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
-    meter = PeakMeter(dev)
-    base_bytes = meter.current()
-    n_params = sum(p.numel() for p in model.parameters())
-
+def setup(method: str, model, ids):
+    """(model, one training step, trainable count) of ``method`` on ``model``."""
     rank_term = None
     if method == "full":
         opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
@@ -208,19 +191,21 @@ def worker(method: str, cfg, device: str, steps: int, threads: int = 0) -> dict:
         ref_layers = build_ref_sara(model, THRESHOLD)
         eligible = [m for m in ref_layers if min(m.weight.shape) > 64]
         gen = torch.Generator().manual_seed(0)
-        opt = torch.optim.AdamW([m.values for m in ref_layers], lr=1e-3 * math.exp(-350 * THRESHOLD))
+        opt = torch.optim.AdamW([m.values for m in ref_layers],
+                                lr=1e-3 * math.exp(-350 * THRESHOLD))
 
         def rank_term():
             m = eligible[int(torch.randint(len(eligible), (1,), generator=gen))]
             return LAMBDA_RANK * torch.linalg.matrix_norm(m.delta_matrix(), ord="nuc")
-    elif method == "ftops_sara":
+    elif method in ("ftops_sara", "ftops_sara_l0"):
         import ftops
 
-        opt = ftops.SaRA(model, threshold=THRESHOLD, lambda_rank=LAMBDA_RANK,
+        opt = ftops.SaRA(model, threshold=THRESHOLD,
+                         lambda_rank=LAMBDA_RANK if method == "ftops_sara" else 0.0,
                          modules=lambda n, m: n.split(".")[-1] in TARGETS)
     else:
         raise ValueError(method)
-    trainable = (opt.num_trainable() if method == "ftops_sara" else
+    trainable = (opt.num_trainable() if method.startswith("ftops_sara") else
                  sum(p.numel() for grp in opt.param_groups for p in grp["params"]))
 
     def one_step():
@@ -232,6 +217,45 @@ def worker(method: str, cfg, device: str, steps: int, threads: int = 0) -> dict:
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
+    return model, one_step, trainable
+
+
+def _prepare(device: str, threads: int):
+    dev = torch.device(device)
+    sync = (lambda: torch.cuda.synchronize()) if dev.type == "cuda" else (lambda: None)
+    # Every worker imports the same libraries before the baseline is taken, so that library code
+    # and data do not count as one method's training memory.
+    import ftops  # noqa: F401
+    import peft  # noqa: F401
+    import transformers  # noqa: F401
+
+    if threads:
+        torch.set_num_threads(threads)
+    # Warm up code paths and thread pools on a tiny model first (not counted as memory).
+    tiny = make_model((64, 128, 1, 2, 128, 1, 16), dev)
+    ids = torch.randint(0, 128, (1, 16), device=dev)
+    tiny(input_ids=ids, labels=ids).loss.backward()
+    return dev, sync
+
+
+def _ids(cfg, dev):
+    hidden, inter, layers, heads, vocab, batch, seq = cfg
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, vocab, (batch, seq), generator=g).to(dev)
+
+
+def worker(method: str, cfg, device: str, steps: int, threads: int = 0) -> dict:
+    """One method alone in this process: its peak memory beyond the model, and its step time."""
+    dev, sync = _prepare(device, threads)
+    model = make_model(cfg, dev)
+    ids = _ids(cfg, dev)
+    sync()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    meter = PeakMeter(dev)
+    base_bytes = meter.current()
+    n_params = sum(p.numel() for p in model.parameters())
+    model, one_step, trainable = setup(method, model, ids)
     one_step()  # warm-up: optimizer state allocated, SVD/kernels warmed up
     meter.reset()
     hwm_ok = meter.hwm_reset
@@ -246,6 +270,26 @@ def worker(method: str, cfg, device: str, steps: int, threads: int = 0) -> dict:
     return {"method": method, "params": n_params, "trainable": trainable,
             "extra_peak_bytes": peak - base_bytes, "peak_bytes": peak, "base_bytes": base_bytes,
             "step_s": statistics.median(times), "step_times_s": times, "hwm_reset": hwm_ok}
+
+
+def interleaved_times(methods, cfg, device: str, rounds: int, threads: int = 0) -> dict:
+    """Every method's model in this one process, one training step of each in turn (the order
+    rotated every round), ``rounds`` times after a warm-up round: background load that comes and
+    goes hits all methods alike. Returns each method's step times."""
+    dev, sync = _prepare(device, threads)
+    ids = _ids(cfg, dev)
+    steps = {m: setup(m, make_model(cfg, dev), ids)[1] for m in methods}
+    for step in steps.values():
+        step()
+    times = {m: [] for m in methods}
+    for r in range(rounds):
+        for m in methods[r % len(methods):] + methods[:r % len(methods)]:
+            sync()
+            t0 = time.perf_counter()
+            steps[m]()
+            sync()
+            times[m].append(time.perf_counter() - t0)
+    return times
 
 
 # ------------------------------------------------------------------------------------------------
@@ -291,13 +335,20 @@ def bench_sddmm(device: str, T: int, shapes, densities, repeats: int) -> list[di
 # ------------------------------------------------------------------------------------------------
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=str(HERE / "results" / "sara.json"))
     ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="rounds of one process per method, for memory (default 3, --quick 1)")
+    ap.add_argument("--time-rounds", type=int, default=None,
+                    help="rounds of the interleaved step timing (default 9, --quick 3)")
+    ap.add_argument("--methods", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=0,
-                    help="CPU threads (torch.set_num_threads) in every measurement; 0: torch's default")
+                    help="CPU threads (torch.set_num_threads) in every measurement; 0: torch's "
+                         "default")
     ap.add_argument("--malloc-default", action="store_true",
                     help="CPU: keep glibc's dynamic mmap threshold in the workers (RSS then also "
                          "counts freed memory the allocator keeps)")
@@ -308,6 +359,10 @@ def main() -> int:
     cfg_name = args.config or ("quick" if args.quick else args.device)
     cfg = CONFIGS[cfg_name]
     steps = args.steps or (2 if args.quick else 3)
+    if args.worker == "interleaved":
+        print(json.dumps(interleaved_times(args.methods.split(","), cfg, args.device, steps,
+                                           args.threads)))
+        return 0
     if args.worker:
         print(json.dumps(worker(args.worker, cfg, args.device, steps, args.threads)))
         return 0
@@ -322,28 +377,56 @@ def main() -> int:
           f"{torch.get_num_threads()} threads), Llama config {cfg_name}: hidden {hidden}, "
           f"intermediate {inter}, layers {layers}, vocab {vocab}, batch {batch} x seq {seq}; "
           f"threshold {THRESHOLD}, lambda_rank {LAMBDA_RANK}", flush=True)
-    results = {}
     methods = ["full", "lora", "ref_sara", "ftops_sara"]
     if not args.quick:
         methods.insert(2, "lora_do0.05")
-    for method in methods:
-        cmd = [sys.executable, __file__, "--device", args.device, "--worker", method,
-               "--config", cfg_name, "--steps", str(steps), "--threads", str(args.threads)]
-        t0 = time.perf_counter()
-        env = dict(os.environ)
-        if args.device == "cpu" and not args.malloc_default:
-            env.update(MALLOC_ENV)
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            print(f"{method}: worker failed\n{proc.stderr[-3000:]}", file=sys.stderr)
-            return 1
-        results[method] = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"  {method}: done in {time.perf_counter() - t0:.0f} s", flush=True)
+        methods.append("ftops_sara_l0")
+    rounds = args.rounds or (1 if args.quick else 3)
+    args.time_rounds = args.time_rounds or (3 if args.quick else 9)
+    per_round = {m: [] for m in methods}
+    for r in range(rounds):
+        order = methods[r % len(methods):] + methods[:r % len(methods)]
+        for method in order:
+            cmd = [sys.executable, __file__, "--device", args.device, "--worker", method,
+                   "--config", cfg_name, "--steps", str(steps), "--threads", str(args.threads)]
+            t0 = time.perf_counter()
+            env = dict(os.environ)
+            if args.device == "cpu" and not args.malloc_default:
+                env.update(MALLOC_ENV)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                print(f"{method}: worker failed\n{proc.stderr[-3000:]}", file=sys.stderr)
+                return 1
+            per_round[method].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print(f"  round {r + 1}/{rounds} {method}: done in {time.perf_counter() - t0:.0f} s",
+                  flush=True)
+    cmd = [sys.executable, __file__, "--device", args.device, "--worker", "interleaved",
+           "--config", cfg_name, "--steps", str(args.time_rounds), "--threads", str(args.threads),
+           "--methods", ",".join(methods)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        print(f"interleaved timing failed\n{proc.stderr[-3000:]}", file=sys.stderr)
+        return 1
+    step_times = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"  interleaved timing ({args.time_rounds} rounds): done in "
+          f"{time.perf_counter() - t0:.0f} s", flush=True)
+    results = {}
+    for method, runs in per_round.items():
+        res = dict(runs[0])
+        res["step_s"] = statistics.median(step_times[method])
+        res["step_times_s"] = step_times[method]
+        res["own_process_step_s"] = statistics.median(x["step_s"] for x in runs)
+        res["extra_peak_bytes"] = statistics.median(x["extra_peak_bytes"] for x in runs)
+        res["rounds"] = [{k: x[k] for k in ("step_s", "extra_peak_bytes")} for x in runs]
+        results[method] = res
 
     mib = 1 / 2**20
     full = results["full"]
-    print(f"\nOne training step (median of {steps} after 1 warm-up); memory = peak beyond the "
-          f"model's weights ({'VmHWM - VmRSS' if args.device == 'cpu' else 'max_memory_allocated - allocated'})")
+    print(f"\nOne training step: time = median of {args.time_rounds} interleaved rounds in one "
+          f"process; memory = peak beyond the model's weights "
+          f"({'VmHWM - VmRSS' if args.device == 'cpu' else 'max_memory_allocated - allocated'}), "
+          f"median of {rounds} rounds of one process per method")
     print(f"{'method':<12}{'trainable':>12}{'peak MiB':>10}{'x full':>8}{'x lora':>8}"
           f"{'step s':>9}{'x full':>8}")
     for name, r in results.items():
@@ -354,6 +437,7 @@ def main() -> int:
     fs = results["ftops_sara"]
     checks = {
         "ftops_sara_peak_le_lora": fs["extra_peak_bytes"] <= results["lora"]["extra_peak_bytes"],
+        "ftops_sara_step_le_lora": fs["step_s"] <= results["lora"]["step_s"],
         "ftops_sara_peak_le_0.6_full": fs["extra_peak_bytes"] <= 0.6 * full["extra_peak_bytes"],
     }
 
@@ -361,11 +445,13 @@ def main() -> int:
     shapes = [(hidden, hidden), (inter, hidden)]
     sd = bench_sddmm(args.device, T, shapes, (0.01, 0.10, 0.20), repeats=7 if args.quick else 21)
     print(f"\nSDDMM vs dense dW = dY^T X (T = {T}), median of repeats, interleaved")
-    print(f"{'m x n':<12}{'density':>8}{'sddmm ms':>10}{'gemm ms':>9}{'gemm+gather':>12}{'ratio':>7}"
+    print(f"{'m x n':<12}{'density':>8}{'sddmm ms':>10}{'gemm ms':>9}{'gemm+gather':>12}"
+          f"{'ratio':>7}"
           f"{'ratio of mins':>15}")
     for r in sd:
-        print(f"{str(r['m']) + 'x' + str(r['n']):<12}{r['density']:>8.0%}{r['sddmm_s'] * 1e3:>10.2f}"
-              f"{r['gemm_s'] * 1e3:>9.2f}{r['gemm_gather_s'] * 1e3:>12.2f}{r['ratio_sddmm_gemm']:>7.2f}"
+        print(f"{str(r['m']) + 'x' + str(r['n']):<12}{r['density']:>8.0%}"
+              f"{r['sddmm_s'] * 1e3:>10.2f}{r['gemm_s'] * 1e3:>9.2f}"
+              f"{r['gemm_gather_s'] * 1e3:>12.2f}{r['ratio_sddmm_gemm']:>7.2f}"
               f"{r['ratio_min']:>15.2f}")
     checks["sddmm_10pct_le_0.5_gemm"] = all(r["ratio_sddmm_gemm"] <= 0.5 for r in sd
                                             if r["density"] == 0.10)
@@ -375,6 +461,7 @@ def main() -> int:
            "worker_malloc_env": None if (args.device != "cpu" or args.malloc_default)
            else MALLOC_ENV,
            "torch": torch.__version__, "threshold": THRESHOLD, "lambda_rank": LAMBDA_RANK,
+           "rounds": rounds, "time_rounds": args.time_rounds,
            "train_step": results, "sddmm": sd, "targets": checks}
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
