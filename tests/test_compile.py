@@ -144,7 +144,8 @@ def test_owlore_compiled(copy_dicts, monkeypatch):
 def test_s2ft_compiled():
     def make():
         m = tiny()
-        s2ft.apply(m, s2ft.select(m, heads=0.5, channels=0.25, seed=0))
+        s2ft.apply(m, s2ft.select(m, v_ratio=0.5, o_ratio=0.5, u_ratio=0.25, d_ratio=0.25,
+                                  seed=0))
         return m, torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-2)
 
     (eager, eopt), (comp, copt) = make(), make()

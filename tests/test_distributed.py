@@ -99,7 +99,8 @@ def owlore_build(model, seed=0):
 
 
 def s2ft_build(model):
-    s2ft.apply(model, s2ft.select(model, heads=0.5, channels=0.25, seed=0))
+    s2ft.apply(model, s2ft.select(model, v_ratio=0.5, o_ratio=0.5, u_ratio=0.25, d_ratio=0.25,
+                                  seed=0))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     return {"opt": opt}
 
@@ -355,7 +356,8 @@ def _fsdp_body(rank, world, out_dir):
 
     def s2ft_case():
         model = tiny()
-        s2ft.apply(model, s2ft.select(model, heads=0.5, channels=0.25, seed=0))
+        s2ft.apply(model, s2ft.select(model, v_ratio=0.5, o_ratio=0.5, u_ratio=0.25,
+                                      d_ratio=0.25, seed=0))
         _shard(model, mesh)
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         for _ in range(STEPS):
@@ -385,7 +387,15 @@ def _fsdp_body(rank, world, out_dir):
             opt.step()
             opt.zero_grad()
         weights = {k: _full(v).clone() for k, v in model.state_dict().items()}
-        return {"weights": weights, "delta": opt.delta(), "num_trainable": opt.num_trainable()}
+        # the optimizer state alone restores the fine-tune on a pretrained sharded model
+        fresh = tiny()
+        fopt = ftops.SaRA(fresh, fraction=0.2, lr=2e-2, lambda_rank=1e-3, progressive_iter=3,
+                          register_values=False)
+        _shard(fresh, mesh)
+        fopt.load_state_dict(opt.state_dict())
+        reloaded = {k: _full(v).clone() for k, v in fresh.state_dict().items()}
+        return {"weights": weights, "delta": opt.delta(), "num_trainable": opt.num_trainable(),
+                "reloaded": reloaded}
 
     _fsdp_case("galore", out_dir, rank, galore)
     _fsdp_case("s2ft", out_dir, rank, s2ft_case)
@@ -446,6 +456,7 @@ def test_fsdp2_sara_matches_one_process(fsdp_run):
         assert r["num_trainable"] == parts["opt"].num_trainable()
         for k, v in ref.items():
             torch.testing.assert_close(r["weights"][k], v, **TOL)
+            assert torch.equal(r["reloaded"][k], r["weights"][k]), k
         for k, v in delta.items():
             if v.is_floating_point():
                 torch.testing.assert_close(r["delta"][k], v, **TOL)

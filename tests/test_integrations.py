@@ -182,7 +182,7 @@ def test_owlore_trainer_callback(tmp_path, caplog):
 
 def test_s2ft_trainer_trains_only_the_slices(tmp_path):
     model, ref = tiny_llama(), tiny_llama()
-    sel = s2ft.select(model, heads=0.5, channels=0.25, seed=0)
+    sel = s2ft.select(model, v_ratio=0.5, o_ratio=0.5, u_ratio=0.25, d_ratio=0.25, seed=0)
     s2ft.apply(model, sel)
     s2ft.apply(ref, sel)
     before = snapshot(model)
@@ -202,22 +202,23 @@ def test_s2ft_trainer_trains_only_the_slices(tmp_path):
     assert_same_model(model, ref)
     assert train_losses(trainer)[-1] < train_losses(trainer)[0]
 
-    # Only the leading rows/columns of the sliced layers moved; nothing else did.
+    # Only the slice rows/columns of the sliced layers moved; nothing else did.
     sliced = {}
     for name, mod in model.named_modules():
         if isinstance(mod, s2ft.RowSliceLinear):
-            sliced[name + ".weight"] = (0, mod.rows)
+            sliced[name + ".weight"] = (mod.start, mod.start + mod.rows)
             if mod.bias_slice is not None:
-                sliced[name + ".bias"] = (0, mod.rows)
+                sliced[name + ".bias"] = (mod.start, mod.start + mod.rows)
         elif isinstance(mod, s2ft.ColumnSliceLinear):
-            sliced[name + ".weight_t"] = (0, mod.cols)
+            sliced[name + ".weight_t"] = (mod.start, mod.start + mod.cols)
     assert sliced
     sd = model.state_dict()
     for k in before:
         if k in sliced:
-            _, n = sliced[k]
-            assert not torch.equal(sd[k][:n], before[k][:n]), k
-            assert torch.equal(sd[k][n:], before[k][n:]), k
+            s, e = sliced[k]
+            assert not torch.equal(sd[k][s:e], before[k][s:e]), k
+            assert torch.equal(sd[k][:s], before[k][:s]), k
+            assert torch.equal(sd[k][e:], before[k][e:]), k
         elif k.endswith("_slice"):
             continue  # the slice parameters themselves (views of the buffers above)
         else:
@@ -246,11 +247,12 @@ def test_sara_trainer_matches_manual_loop(tmp_path):
                          batches(ds, 4, 4), 4)
     assert all(p.grad is None for p in opt.param_groups[0]["params"])
     assert train_losses(trainer)[-1] < train_losses(trainer)[0]
-    # the managed weights hold the pretrained entries until the update is merged (as under LoRA)
-    assert torch.equal(model.state_dict()[opt.names[0]], before[opt.names[0]])
+    # the model holds the fine-tuned weights: its state_dict is the pretrained model + the delta
     delta, names = opt.delta(), opt.names
-    opt.unwrap()
-    ropt.unwrap()
+    reloaded = tiny_llama()
+    ftops.sara.load(reloaded, delta)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, reloaded.state_dict()[k]), k
     assert_same_model(model, ref)
     # only the selected entries of the managed weights moved
     sd = model.state_dict()
@@ -287,6 +289,49 @@ def test_sara_trainer_clipping(tmp_path):
 def test_sara_max_grad_norm_is_checked():
     with pytest.raises(ValueError, match="max_grad_norm"):
         ftops.SaRA(tiny_llama(), fraction=0.1, max_grad_norm=0.0)
+
+
+def test_sara_save_pretrained_round_trip(tmp_path):
+    """save_pretrained after SaRA training saves the fine-tuned model: from_pretrained gives a
+    plain model that computes exactly what the trained model computes."""
+    model = tiny_llama()
+    opt = ftops.SaRA(model, fraction=0.1, lr=1e-2, lambda_rank=5e-4)
+    bs = batches(Examples(), 4, 3)
+    manual_gradient_loop(model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0), bs, 3)
+    model.save_pretrained(tmp_path / "saved")
+    plain = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "saved")
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(plain(**bs[0]).logits, model(**bs[0]).logits)
+        assert not torch.equal(tiny_llama()(**bs[0]).logits, model(**bs[0]).logits)
+    for k, v in model.state_dict().items():
+        assert torch.equal(plain.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize("resume_at", [2, 4])  # before and after the reselection at step 3
+def test_sara_trainer_checkpoint_resume(tmp_path, resume_at):
+    """Trainer checkpoints hold the fine-tuned model and SaRA's state: resume_from_checkpoint
+    continues exactly as the uninterrupted run."""
+    def run(out, resume=None):
+        model = tiny_llama()
+        opt = ftops.SaRA(model, fraction=0.1, lr=1e-2, lambda_rank=5e-4, progressive_iter=3)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+        trainer = transformers.Trainer(
+            model=model, args=args(out, steps=6, save_strategy="steps", save_steps=2),
+            train_dataset=Examples(), optimizers=(opt, sched))
+        trainer.train(resume_from_checkpoint=resume)
+        return model, opt
+
+    full, fopt = run(tmp_path / "full")
+    ckpt = tmp_path / "full" / f"checkpoint-{resume_at}"
+    saved = transformers.LlamaForCausalLM.from_pretrained(ckpt)  # the checkpoint's model
+    assert not torch.equal(saved.state_dict()["model.layers.0.mlp.up_proj.weight"],
+                           tiny_llama().state_dict()["model.layers.0.mlp.up_proj.weight"])
+    resumed, ropt = run(tmp_path / "resumed", resume=str(ckpt))
+    for k, v in full.state_dict().items():
+        assert torch.equal(resumed.state_dict()[k], v), k
+    assert ropt.num_trainable() == fopt.num_trainable() < sum(
+        mg.values.numel() + mg.frozen_values.numel() for mg in fopt._managed)
 
 
 # --- MeZO ---------------------------------------------------------------------------------------

@@ -182,7 +182,8 @@ def setup_galore(model, cfg):
                              f"{GALORE['update_proj_gap']}, scale {GALORE['scale']} on the blocks' Linears")
 
 
-OWLORE = dict(gamma=2, period=20, M=7.0, rank=64, update_proj_gap=50, scale=0.25)
+# M: the OwLore reference's (ftops.outlier_ratios' default)
+OWLORE = dict(gamma=2, period=20, M=13.0, rank=64, update_proj_gap=50, scale=0.25)
 
 
 def setup_owlore(model, cfg):
@@ -207,20 +208,22 @@ def setup_owlore(model, cfg):
                                    f"{OWLORE['period']} steps, GaLore rank {OWLORE['rank']}")
 
 
-S2FT = dict(heads=0.1, channels=0.05)
+# The paper's configuration (ftops.s2ft.PAPER_RATIOS): output-projection columns of 5.2% of the
+# heads, down-projection columns of 2% of the FFN channels.
+S2FT = dict(v_ratio=0.0, o_ratio=0.052, u_ratio=0.0, d_ratio=0.02)
 
 
 def setup_s2ft(model, cfg):
     import ftops
 
-    sel = ftops.s2ft.select(model, heads=S2FT["heads"], channels=S2FT["channels"],
-                            strategy="random", seed=cfg.seed)
+    sel = ftops.s2ft.select(model, **S2FT, strategy="random", seed=cfg.seed)
     ftops.s2ft.apply(model, sel)
     model.head.requires_grad_(True)  # the task head always trains
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                             weight_decay=0.0)
-    return _gradient_trainer(model, [opt], notes=f"{S2FT['heads']:.0%} of heads, "
-                             f"{S2FT['channels']:.0%} of FFN channels")
+    kinds = {"v": "value rows", "o": "output columns", "u": "up rows", "d": "down columns"}
+    notes = ", ".join(f"{kinds[k[0]]} of {v:.1%}" for k, v in S2FT.items() if v)
+    return _gradient_trainer(model, [opt], notes=notes)
 
 
 SARA = dict(fraction=0.05, lambda_rank=5e-4)
