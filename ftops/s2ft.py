@@ -60,7 +60,7 @@ import numbers
 import random
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -346,30 +346,27 @@ def _int_list(where: str, name: str, value: Any) -> tuple[int, ...]:
     return tuple(int(i) for i in value)
 
 
-def _units_map(where: str, name: str, value: Any) -> dict[str, tuple[int, ...]]:
+def _path_map(where: str, name: str, value: Any, what: str, parse: Callable) -> dict[str, Any]:
+    """A selection field ``{module path: what}``, each value checked by ``parse(where, label, v)``."""
     if not isinstance(value, Mapping):
-        raise TypeError(f"{where}: selection[{name!r}] must be a dict (module path -> list of "
-                        f"indices), got {type(value).__name__}")
-    out = {}
-    for k, v in value.items():
-        if not isinstance(k, str):
-            raise TypeError(f"{where}: selection[{name!r}] keys must be module paths (str), "
-                            f"got {k!r}")
-        out[k] = _int_list(where, f"selection[{name!r}][{k!r}]", v)
-    return out
-
-
-def _counts_map(where: str, name: str, value: Any) -> dict[str, int]:
-    if not isinstance(value, Mapping):
-        raise TypeError(f"{where}: selection[{name!r}] must be a dict (module path -> count), "
+        raise TypeError(f"{where}: selection[{name!r}] must be a dict (module path -> {what}), "
                         f"got {type(value).__name__}")
     out = {}
     for k, v in value.items():
         if not isinstance(k, str):
             raise TypeError(f"{where}: selection[{name!r}] keys must be module paths (str), "
                             f"got {k!r}")
-        out[k] = _checks.integer(where, f"selection[{name!r}][{k!r}]", v, low=1)
+        out[k] = parse(where, f"selection[{name!r}][{k!r}]", v)
     return out
+
+
+def _units_map(where: str, name: str, value: Any) -> dict[str, tuple[int, ...]]:
+    return _path_map(where, name, value, "list of indices", _int_list)
+
+
+def _counts_map(where: str, name: str, value: Any) -> dict[str, int]:
+    return _path_map(where, name, value, "count",
+                     lambda w, label, v: _checks.integer(w, label, v, low=1))
 
 
 def _count(where: str, name: str, ratio: float, total: int, what: str) -> int:
