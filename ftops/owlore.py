@@ -654,7 +654,7 @@ class OwLore:
         """Advance one training step; draws a new sample on the first call and every ``period``.
 
         Returns True when it drew (the set of trainable parameters may have changed: under
-        ``DistributedDataParallel``, wrap the model again, see the README's Distributed section).
+        ``DistributedDataParallel``, wrap the model again, see docs/distributed.md).
         """
         drew = self.steps % self.period == 0
         if drew:
